@@ -1,0 +1,164 @@
+"""The command line: the only module that parses arguments.
+
+    cifarlab train     [--preset NAME] [--config FILE] [--set KEY=VALUE ...] [flags]
+    cifarlab evaluate  CHECKPOINT --data SPEC [--json]
+    cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
+
+Settings resolve in this order, later ones winning: the preset, the --config YAML file,
+the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import yaml
+
+from cifarlab import checkpoint
+from cifarlab import config as cfg
+from cifarlab.errors import UserError
+from cifarlab.presets import PRESETS, get_preset
+
+# Dedicated flags and the setting each one sets.
+TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
+    "data": ("data.source", str, "training images: cifar10, synthetic[:N], or a path"),
+    "test_data": ("data.test_source", str, "test images (default: the source's own test split)"),
+    "data_root": ("data.root", str, "where downloads and the decode cache go (default ./data)"),
+    "limit": ("data.limit", int, "train on a class-balanced random subset of N images"),
+    "workers": ("data.workers", int, "DataLoader worker processes (-1: automatic)"),
+    "epochs": ("epochs", int, "maximum number of epochs"),
+    "batch_size": ("batch_size", int, "images per optimizer step"),
+    "lr": ("optim.lr", float, "peak learning rate"),
+    "seed": ("seed", int, "seed for weights, shuffling and augmentation"),
+    "device": ("device", str, "auto, cpu or cuda"),
+    "amp": ("amp", str, "mixed precision: auto, fp16, bf16 or off"),
+    "out": ("out", str, "folder of run folders (default runs)"),
+    "name": ("name", str, "run folder name (default <preset>-<timestamp>)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cifarlab", description="Train and inspect CIFAR-10-style image classifiers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model; writes a run folder")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="starting recipe (default seed)")
+    train.add_argument("--config", metavar="FILE", help="YAML file of settings")
+    train.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="any setting, e.g. --set model.width=16")
+    for flag, (key, kind, text) in TRAIN_FLAGS.items():
+        train.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{text} [{key}]")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as YAML and exit")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy of a checkpoint on some data")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", required=True, metavar="SPEC",
+                          help="images to score (a source's test split when it has one)")
+    evaluate.add_argument("--data-root", default="data")
+    evaluate.add_argument("--device", default="auto", choices=cfg.DEVICES)
+    evaluate.add_argument("--batch-size", type=int, default=1024)
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+    summary = commands.add_parser("summary", help="layer table, parameters, MACs and FLOPs")
+    summary.add_argument("--model", default="resnet18")
+    summary.add_argument("--width", type=int, default=64)
+    summary.add_argument("--classes", type=int, default=10)
+    summary.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> cfg.Config:
+    file_settings = cfg.load_yaml(args.config) if args.config else {}
+    config = get_preset(args.preset or file_settings.get("preset", "seed"))
+    config = cfg.apply_dict(config, file_settings)
+    for flag, (key, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            config = cfg.apply_dict(config, cfg.parse_override(f"{key}={json.dumps(value)}"))
+    for text in args.overrides:
+        config = cfg.apply_dict(config, cfg.parse_override(text))
+    return config.validate()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cifarlab.train import fit  # torch-heavy imports only for the commands that need them
+
+    config = resolve_config(args)
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    fit(config)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cifarlab.data.sources import load_source
+    from cifarlab.evaluate import evaluate
+    from cifarlab.train import resolve_device
+
+    ckpt = checkpoint.load(args.checkpoint)
+    model = checkpoint.build_model(ckpt, args.checkpoint)
+    source = load_source(args.data, args.data_root)
+    data = source.test if source.test is not None else source.train
+    if data.classes != ckpt["classes"]:
+        raise UserError(f"--data {args.data}: classes {data.classes} do not match the "
+                        f"checkpoint's {ckpt['classes']}; score data of the same classes")
+    device = resolve_device(args.device)
+    result = evaluate(model.to(device), data, ckpt["mean"], ckpt["std"], device,
+                      batch_size=args.batch_size)
+    per_class = dict(zip(data.classes, result.per_class_acc, strict=True))
+    if args.json:
+        print(json.dumps({"images": int(len(data.labels)), "acc": result.acc,
+                          "per_class_acc": per_class, "loss": result.loss}, indent=2))
+        return 0
+    print(f"{args.checkpoint}: {result.acc:.2f}% of {len(data.labels):,} images correct")
+    for name, acc in per_class.items():
+        print(f"  {name:<16} {acc:6.2f}%")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cifarlab.profile import profile_model
+
+    profile = profile_model(args.model, classes=args.classes, width=args.width)
+    if args.json:
+        fields: dict[str, Any] = asdict(profile)
+        fields.pop("table")
+        print(json.dumps(fields, indent=2))
+        return 0
+    print(profile.table)
+    print(f"parameters:              {profile.params:,} ({profile.trainable_params:,} trainable)")
+    print(f"weights:                 {profile.weights_mb:.1f} MB (float32)")
+    print(f"MACs per image, forward: {profile.macs / 1e9:.3f} G (multiply-accumulates)")
+    print(f"FLOPs per image, forward:    {profile.flops_forward / 1e9:.2f} G")
+    print(f"FLOPs per image, train step: {profile.flops_train_step / 1e9:.2f} G "
+          "(forward + backward)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"cifarlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cifarlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Accuracy, loss and confusion matrix of a model on a set of images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifarlab.data.cpu_augment import normalize
+from cifarlab.data.sources import ImageSet
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean of `criterion` over the images
+    acc: float  # percent
+    confusion: np.ndarray  # (classes, classes): rows are true classes, columns predictions
+
+    @property
+    def per_class_acc(self) -> list[float]:
+        """Percent correct for each true class (NaN for a class with no images)."""
+        totals = self.confusion.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return list(100.0 * np.diag(self.confusion) / totals)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: ImageSet,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    *,
+    batch_size: int = 1024,
+    amp_dtype: torch.dtype | None = None,
+    criterion: nn.Module | None = None,
+) -> Evaluation:
+    criterion = criterion or nn.CrossEntropyLoss()
+    n_classes = len(data.classes)
+    images = torch.from_numpy(data.images)
+    labels = torch.from_numpy(data.labels)
+    # Sums stay on the device: one host synchronisation per evaluation, not per batch.
+    loss_sum = torch.zeros((), device=device)
+    confusion = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+        y = labels[start : start + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        loss_sum += criterion(logits.float(), y) * len(y)
+        confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2)
+    model.train(was_training)
+    matrix = confusion.view(n_classes, n_classes).cpu().numpy()
+    n = max(1, len(labels))
+    return Evaluation(float(loss_sum) / n, 100.0 * float(np.trace(matrix)) / n, matrix)

@@ -1,0 +1,65 @@
+"""Model profile: parameters, multiply-accumulates and FLOPs, and the layer table.
+
+MACs come from torchinfo; FLOPs from `torch.utils.flop_counter`, which counts 2 FLOPs per
+multiply-accumulate of convolutions and matrix products (so FLOPs = 2 x MACs up to the
+few operations each tool leaves out, such as BatchNorm and pooling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchinfo
+from torch.utils.flop_counter import FlopCounterMode
+
+from cifarlab.models import create_model
+
+
+@dataclass
+class ModelProfile:
+    model: str
+    width: int
+    classes: int
+    params: int
+    trainable_params: int
+    macs: int  # multiply-accumulates per image, forward
+    flops_forward: int  # floating-point operations per image, forward
+    flops_train_step: int  # per image, forward + backward
+    weights_mb: float  # float32 parameters and buffers, 1 MB = 10^6 bytes
+    table: str
+
+
+def _flops(model: torch.nn.Module, x: torch.Tensor, backward: bool) -> int:
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+def profile_model(name: str = "resnet18", classes: int = 10, width: int = 64) -> ModelProfile:
+    model = create_model(name, num_classes=classes, width=width)
+    stats = torchinfo.summary(
+        model, input_size=(1, 3, 32, 32), verbose=0, device="cpu", mode="eval"
+    )
+    # Batch of 2: BatchNorm needs more than one value per channel in training mode.
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    flops_forward = _flops(model, x, backward=False) // 2
+    model.train()
+    flops_train = _flops(model, x, backward=True) // 2
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ModelProfile(
+        model=name,
+        width=width,
+        classes=classes,
+        params=stats.total_params,
+        trainable_params=stats.trainable_params,
+        macs=stats.total_mult_adds,
+        flops_forward=flops_forward,
+        flops_train_step=flops_train,
+        weights_mb=(params + buffers) / 1e6,
+        table=str(stats),
+    )

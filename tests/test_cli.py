@@ -1,0 +1,122 @@
+"""End to end: the `cifarlab` command on synthetic data."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cifarlab import checkpoint
+from cifarlab.cli import main
+
+TRAIN = ["train", "--data", "synthetic:1500", "--epochs", "4", "--workers", "0",
+         "--set", "model.width=8", "--set", "optim.warmup_epochs=1", "--batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifarlab", *TRAIN, "--out", str(out), "--name", "e2e"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out / "e2e", proc.stdout
+
+
+def test_train_writes_every_file(run):
+    run_dir, _ = run
+    for name in ("config.yaml", "metrics.csv", "best.pt", "last.pt", "result.json", "train.log"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_train_learns_the_synthetic_data(run):
+    run_dir, stdout = run
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["best_val_acc"] > 70  # chance is 10 %
+    assert result["test_acc"] > 70
+    assert result["epochs_run"] == 4 and result["stopped_early"] is False
+    assert result["device"] == "cpu" and result["torch_version"] == torch.__version__
+    assert 1 <= result["best_epoch"] <= 4 and result["train_seconds"] > 0
+    assert stdout.count("epoch ") >= 4
+
+
+def test_metrics_csv_has_one_row_per_epoch(run):
+    run_dir, _ = run
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                             "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert max(float(r["val_acc"]) for r in rows) == pytest.approx(result["best_val_acc"],
+                                                                   abs=1e-3)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(0.1, rel=1e-3)  # end of the one warm-up epoch
+    assert lrs[0] > lrs[1] > lrs[2] > lrs[3]  # cosine decay
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_config_yaml_is_the_resolved_config(run, tmp_path):
+    run_dir, _ = run
+    code = main(["train", "--config", str(run_dir / "config.yaml"), "--print-config"])
+    assert code == 0
+    import yaml
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["width"] == 8 and saved["batch_size"] == 64
+    assert saved["data"]["source"] == "synthetic:1500" and saved["optim"]["lr"] == 0.1
+
+
+def test_best_checkpoint_loads_safely_and_evaluates_to_the_test_accuracy(run, capsys):
+    run_dir, _ = run
+    ckpt = checkpoint.load(run_dir / "best.pt")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert ckpt["epoch"] == result["best_epoch"]
+    assert ckpt["classes"] == result["classes"] and len(ckpt["mean"]) == 3
+    assert main(["evaluate", str(run_dir / "best.pt"), "--data", "synthetic:1500",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["acc"] == pytest.approx(result["test_acc"], abs=1e-9)
+    assert set(report["per_class_acc"]) == set(result["classes"])
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "optim.lrr=1"], "unknown setting 'optim.lrr'"),
+    (["--set", "epochs=many"], "setting 'epochs' needs a int"),
+    (["--data", "/no/such/place"], "/no/such/place"),
+    (["--config", "/no/such.yaml"], "no such file"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
+    code, err = run_cli(["train", "--out", str(tmp_path / "runs"), *args], capsys)
+    assert code == 2
+    assert message in err and err.startswith("cifarlab: error:")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_preset_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "fastest"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_foreign_file(tmp_path, capsys):
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    code, err = run_cli(["evaluate", str(bogus), "--data", "synthetic"], capsys)
+    assert code == 2 and str(bogus) in err and err.count("\n") == 1
+
+
+def test_summary_json(capsys):
+    assert main(["summary", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["params"] == 11_173_962
+    assert summary["flops_forward"] == pytest.approx(2 * summary["macs"], rel=1e-3)

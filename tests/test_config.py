@@ -1,0 +1,88 @@
+import pytest
+import yaml
+
+from cifarlab import config as cfg
+from cifarlab.errors import UserError
+from cifarlab.presets import baseline, get_preset, seed
+
+
+def test_seed_preset_is_the_seed_recipe():
+    c = seed()
+    assert (c.batch_size, c.epochs, c.patience) == (256, 100, 30)
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.1, 0.9, 5e-4)
+    assert (c.optim.label_smoothing, c.optim.warmup_epochs, c.optim.schedule) == (0.1, 5, "cosine")
+    assert (c.data.val_fraction, c.data.split_seed) == (0.1, 43)
+    a = c.data.augment
+    assert (a.hflip, a.rotate_degrees, a.crop_padding, a.translate) == (0.5, 15, 4, 0.1)
+    assert (a.brightness, a.contrast, a.saturation, a.hue) == (0.3, 0.3, 0.3, 0.1)
+    assert (a.erase_p, a.erase_scale, a.erase_ratio) == (0.3, (0.02, 0.33), (0.3, 3.3))
+    assert (c.model.name, c.model.width) == ("resnet18", 64)
+
+
+def test_baseline_differs_only_in_augmentation_loss_and_schedule():
+    b, s = baseline().to_dict(), seed().to_dict()
+    assert b["data"]["augment"] == cfg.AugmentConfig.off().__dict__ | {
+        "erase_scale": [0.02, 0.33], "erase_ratio": [0.3, 3.3]}
+    assert b["optim"]["label_smoothing"] == 0 and b["optim"]["schedule"] == "constant"
+    assert b["optim"]["warmup_epochs"] == 0
+    for key in ("model", "epochs", "batch_size", "patience"):
+        assert b[key] == s[key]
+    assert {k: v for k, v in b["data"].items() if k != "augment"} == {
+        k: v for k, v in s["data"].items() if k != "augment"}
+
+
+def test_overrides_are_typed_and_nested():
+    c = cfg.apply_dict(seed(), cfg.parse_override("optim.lr=0.05"))
+    c = cfg.apply_dict(c, cfg.parse_override("data.limit=500"))
+    c = cfg.apply_dict(c, cfg.parse_override("data.augment.erase_scale=[0.1, 0.2]"))
+    c = cfg.apply_dict(c, cfg.parse_override("epochs=3"))
+    assert c.optim.lr == 0.05 and c.data.limit == 500 and c.epochs == 3
+    assert c.data.augment.erase_scale == (0.1, 0.2)
+    assert seed().optim.lr == 0.1  # the original is not mutated
+    assert isinstance(cfg.apply_dict(seed(), {"optim": {"lr": 1}}).optim.lr, float)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim.lrr=0.1", "did you mean 'optim.lr'"),
+    ("epochs=ten", "needs a int"),
+    ("epochs=true", "needs a int"),
+    ("optim=3", "is a section"),
+    ("data.augment.erase_scale=0.1", "list of 2"),
+    ("novalue", "expected key=value"),
+])
+def test_bad_overrides_name_the_problem(text, message):
+    with pytest.raises(UserError, match=message):
+        cfg.apply_dict(seed(), cfg.parse_override(text))
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"epochs": 0}, "epochs"),
+    ({"amp": "fp8"}, "amp must be one of"),
+    ({"data": {"val_fraction": 1.0}}, "val_fraction"),
+    ({"optim": {"schedule": "step"}}, "schedule"),
+])
+def test_validate_rejects_unusable_values(update, message):
+    with pytest.raises(UserError, match=message):
+        cfg.apply_dict(seed(), update).validate()
+
+
+def test_yaml_round_trip(tmp_path):
+    c = cfg.apply_dict(baseline(), {"model": {"width": 16}, "name": "x"})
+    c.save(tmp_path / "c.yaml")
+    assert cfg.from_dict(cfg.load_yaml(tmp_path / "c.yaml")) == c
+
+
+def test_load_yaml_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        cfg.load_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(UserError, match="mapping"):
+        cfg.load_yaml(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="not a readable YAML"):
+        cfg.load_yaml(tmp_path / "bad.yaml")
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="unknown preset 'fastest'"):
+        get_preset("fastest")
