@@ -89,7 +89,7 @@ def run_cli(args, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "optim.lrr=1"], "unknown setting 'optim.lrr'"),
-    (["--set", "epochs=many"], "setting 'epochs' needs a int"),
+    (["--set", "epochs=many"], "setting 'epochs' needs an integer"),
     (["--data", "/no/such/place"], "/no/such/place"),
     (["--config", "/no/such.yaml"], "no such file"),
 ])
@@ -120,3 +120,24 @@ def test_summary_json(capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["params"] == 11_173_962
     assert summary["flops_forward"] == pytest.approx(2 * summary["macs"], rel=1e-3)
+
+
+def test_bad_images_are_caught_before_training(tmp_path, capsys):
+    from PIL import Image
+    for name in ("cat", "dog"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / "imgs" / name / f"{i}.png")
+    (tmp_path / "imgs" / "dog" / "empty.png").write_bytes(b"")
+    code, err = run_cli(["train", "--data", str(tmp_path / "imgs"), "--out",
+                         str(tmp_path / "runs")], capsys)
+    assert code == 2 and "empty.png: cannot decode image (empty file)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--epochs", "many"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "invalid int value: 'many'" in err

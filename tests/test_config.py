@@ -36,6 +36,7 @@ def test_overrides_are_typed_and_nested():
     c = cfg.apply_dict(c, cfg.parse_override("data.limit=500"))
     c = cfg.apply_dict(c, cfg.parse_override("data.augment.erase_scale=[0.1, 0.2]"))
     c = cfg.apply_dict(c, cfg.parse_override("epochs=3"))
+    assert cfg.apply_dict(c, cfg.parse_override("optim.lr=1e-3")).optim.lr == 0.001
     assert c.optim.lr == 0.05 and c.data.limit == 500 and c.epochs == 3
     assert c.data.augment.erase_scale == (0.1, 0.2)
     assert seed().optim.lr == 0.1  # the original is not mutated
@@ -44,8 +45,8 @@ def test_overrides_are_typed_and_nested():
 
 @pytest.mark.parametrize("text, message", [
     ("optim.lrr=0.1", "did you mean 'optim.lr'"),
-    ("epochs=ten", "needs a int"),
-    ("epochs=true", "needs a int"),
+    ("epochs=ten", "needs an integer"),
+    ("epochs=true", "needs an integer"),
     ("optim=3", "is a section"),
     ("data.augment.erase_scale=0.1", "list of 2"),
     ("novalue", "expected key=value"),

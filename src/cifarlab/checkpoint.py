@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -26,16 +27,18 @@ from cifarlab.models import create_model
 
 FORMAT = "cifarlab-checkpoint"
 VERSION = 1
+TMP_SUFFIX = ".tmp"
 
 
-def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
-    """Write `payload` so that `path` always holds either the old or the new checkpoint:
-    a temporary file in the same folder, fsync, rename over, fsync the folder."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that `path` always holds either its old or its new contents:
+    a temporary file in the same folder, flush and fsync, rename over, fsync the folder.
+    On any error the temporary file is removed and the old file is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,6 +50,18 @@ def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
+    write_atomic(path, lambda f: torch.save(payload, f))
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Delete temporary files that a killed process left behind; return them."""
+    leftovers = sorted(Path(folder).glob(f".*{TMP_SUFFIX}"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The command line: the only module that parses arguments.
 
     cifarlab train     [--preset NAME] [--config FILE] [--set KEY=VALUE ...] [flags]
+    cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
     cifarlab evaluate  CHECKPOINT --data SPEC [--json]
     cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
 
@@ -15,13 +16,12 @@ import json
 import logging
 import sys
 from dataclasses import asdict
-from typing import Any
-
-import yaml
+from pathlib import Path
+from typing import Any, NoReturn
 
 from cifarlab import checkpoint
 from cifarlab import config as cfg
-from cifarlab.errors import UserError
+from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.presets import PRESETS, get_preset
 
 # Dedicated flags and the setting each one sets.
@@ -42,11 +42,19 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cifarlab: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cifarlab", description="Train and inspect CIFAR-10-style image classifiers."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=Parser)
 
     train = commands.add_parser("train", help="train a model; writes a run folder")
     train.add_argument("--preset", choices=sorted(PRESETS), help="starting recipe (default seed)")
@@ -55,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE", help="any setting, e.g. --set model.width=16")
     for flag, (key, kind, text) in TRAIN_FLAGS.items():
         train.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{text} [{key}]")
+    train.add_argument("--deterministic", action="store_true", default=None,
+                       help="deterministic CUDA kernels, repeatable runs (slower) [deterministic]")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run from its last.pt, exactly where it stopped")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: accept settings that differ from the run's")
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved settings as YAML and exit")
 
@@ -75,27 +89,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> cfg.Config:
+# Settings that may differ on --resume without --allow-changes: they change nothing the
+# run computes (the loader's output does not depend on the number of workers).
+RESUME_FREE = ("data.workers", "out", "name")
+
+
+def resolve_config(args: argparse.Namespace, base: cfg.Config | None = None) -> cfg.Config:
     file_settings = cfg.load_yaml(args.config) if args.config else {}
-    config = get_preset(args.preset or file_settings.get("preset", "seed"))
+    config = base or get_preset(args.preset or file_settings.get("preset", "seed"))
     config = cfg.apply_dict(config, file_settings)
     for flag, (key, _, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            config = cfg.apply_dict(config, cfg.parse_override(f"{key}={json.dumps(value)}"))
+            config = cfg.apply_dict(config, cfg.nest(key, value))
+    if args.deterministic:
+        config = cfg.apply_dict(config, {"deterministic": True})
     for text in args.overrides:
         config = cfg.apply_dict(config, cfg.parse_override(text))
     return config.validate()
 
 
+def resume_config(args: argparse.Namespace) -> cfg.Config:
+    """The run's own config, with the changes given on the command line if allowed."""
+    if args.preset:
+        raise UserError("--resume continues a run with its own settings; drop --preset")
+    saved_path = Path(args.resume) / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"--resume {args.resume}: no config.yaml there; give a run folder")
+    saved = cfg.from_dict(cfg.load_yaml(saved_path))
+    config = resolve_config(args, base=saved)
+    changes = cfg.differences(saved, config, ignore=RESUME_FREE)
+    if changes and not args.allow_changes:
+        raise UserError(f"--resume {args.resume}: settings differ from the run's "
+                        f"({'; '.join(changes)}); add --allow-changes to resume with them")
+    return config
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab.train import fit  # torch-heavy imports only for the commands that need them
 
-    config = resolve_config(args)
+    config = resume_config(args) if args.resume else resolve_config(args)
     if args.print_config:
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        print(config.to_yaml(), end="")
         return 0
-    fit(config)
+    fit(config, resume=args.resume)
     return 0
 
 
@@ -155,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"cifarlab: error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:
+        print(f"cifarlab: training failed: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"cifarlab: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("cifarlab: interrupted", file=sys.stderr)
         return 130

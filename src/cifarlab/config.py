@@ -89,6 +89,7 @@ class Config:
     amp: str = "auto"  # "auto": fp16 with a GradScaler on CUDA, off on the CPU
     device: str = "auto"  # "auto": CUDA when present
     seed: int = 0  # weights, shuffling and augmentation (the split has its own seed)
+    deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs always are
     out: str = "runs"
     name: str | None = None  # run folder name; default <preset>-<timestamp>
 
@@ -117,8 +118,23 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
+
+
+def differences(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every setting that differs, e.g. `epochs: 100 -> 150`."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in ignore]
 
 
 def _plain(value: Any) -> Any:
@@ -165,9 +181,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise UserError(f"setting '{key}' needs a list of {len(args)} numbers, got {value!r}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    raise UserError(f"setting '{key}' needs a {hint.__name__}, got {value!r}")
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+    raise UserError(f"setting '{key}' needs {kind}, got {value!r}")
 
 
 def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
@@ -195,6 +217,15 @@ def apply_dict(config: Config, updates: dict[str, Any]) -> Config:
     return config
 
 
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """`("optim.lr", 0.05)` -> {"optim": {"lr": 0.05}}."""
+    *parents, leaf = key.split(".")
+    nested: dict[str, Any] = {leaf: value}
+    for part in reversed(parents):
+        nested = {part: nested}
+    return nested
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """`optim.lr=0.05` -> {"optim": {"lr": 0.05}}; the value is read as YAML."""
     key, sep, raw = text.partition("=")
@@ -204,13 +235,7 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    nested: dict[str, Any] = {}
-    node = nested
-    *parents, leaf = key.strip().split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return nested
+    return nest(key.strip(), value)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

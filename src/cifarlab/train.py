@@ -1,13 +1,22 @@
-"""`fit(config)`: one training run, top to bottom, into its run folder."""
+"""`fit(config)`: one training run, top to bottom, into its run folder.
+
+A run can stop at any instant and go on exactly where it was: `last.pt` holds everything
+the next step depends on (weights, optimizer, schedule, loss scale, early stopping, the
+history, RNG states, and the position in the epoch: the loader's order and augmentation are
+functions of (seed, epoch, position), see data/loader.py).
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,14 +32,16 @@ from cifarlab.config import Config
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.loader import build_train_loader
 from cifarlab.data.splits import Splits, prepare_splits
-from cifarlab.errors import UserError
+from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
+from cifarlab.interrupt import StopRequest
 from cifarlab.models import create_model
 from cifarlab.schedule import lr_factor
 
 log = logging.getLogger("cifarlab")
 
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+MIN_LOSS_SCALE = 1.0  # fp16: a GradScaler scale under this means steps keep being skipped
 
 
 @dataclass
@@ -41,7 +52,7 @@ class FitResult:
     test_acc: float | None  # percent, of the best checkpoint; None without test data
     epochs_run: int
     stopped_early: bool
-    train_seconds: float  # wall time of all epochs, validation included
+    train_seconds: float  # wall time of all epochs, validation included, over all resumes
     device: str
     torch_version: str
     classes: list[str]
@@ -94,13 +105,53 @@ def run_dir_for(config: Config) -> Path:
 def check_run_dir(run_dir: Path) -> None:
     """Refuse a used run folder or an unwritable place before any work is done."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"run folder {run_dir} already exists; choose another --name or --out")
+        raise UserError(f"run folder {run_dir} already exists; choose another --name or --out, "
+                        f"or continue it with --resume {run_dir}")
     parent = run_dir
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    try:  # a real write: permissions alone miss read-only mounts and special file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError:
         raise UserError(f"cannot write the run folder {run_dir}: {parent} is not a writable "
-                        "folder; choose another --out")
+                        "folder; choose another --out") from None
+
+
+def check_disk_space(run_dir: Path, model: nn.Module) -> None:
+    """Refuse to start when the checkpoints (best, last with momentum, and a temporary copy
+    while saving) clearly cannot fit."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    needed = 4 * weights + (16 << 20)
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise UserError(f"only {free / 1e6:.0f} MB free under {parent}, checkpoints need about "
+                        f"{needed / 1e6:.0f} MB; free space or choose another --out")
+
+
+def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
+    """`last.pt` of a run to continue, checked against the config it continues with."""
+    path = run_dir / "last.pt"
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: no last.pt there; give a run folder of cifarlab")
+    state = checkpoint.load(path)
+    if "train_state" not in state:
+        raise UserError(f"--resume {run_dir}: last.pt holds no training state")
+    args = state["model_args"]
+    if (args["name"], args["width"]) != (config.model.name, config.model.width):
+        raise UserError(f"--resume {run_dir}: last.pt holds {args['name']} width "
+                        f"{args['width']}, the config asks for {config.model.name} width "
+                        f"{config.model.width}")
+    epoch, _ = state["train_state"]["position"]
+    stopper = EarlyStopping(**state["train_state"]["early_stopping"])
+    if epoch > config.epochs or stopper.should_stop:
+        raise UserError(f"--resume {run_dir}: the run is finished ({epoch - 1} epochs"
+                        f"{', stopped early' if stopper.should_stop else ''}); to train longer "
+                        "raise --epochs (and --set patience=...) with --allow-changes")
+    return state
 
 
 def seed_everything(seed: int) -> None:
@@ -109,15 +160,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_states() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic CUDA kernels where PyTorch has them (an op without one raises)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()
+
+
 def default_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
     # On the CPU the model competes with the workers for the same cores.
     return min(16, cores) if device.type == "cuda" else min(4, cores // 2)
 
 
-def checkpoint_payload(
-    model: nn.Module, config: Config, splits: Splits, epoch: int, val_acc: float
+def weights_payload(
+    model: nn.Module, config: Config, splits: Splits, epoch: int, val_acc: float | None
 ) -> dict[str, Any]:
+    """What best.pt holds, and last.pt on top of its training state (see checkpoint.py)."""
     return {
         "format": checkpoint.FORMAT,
         "version": checkpoint.VERSION,
@@ -136,29 +216,88 @@ def checkpoint_payload(
     }
 
 
-def fit(config: Config) -> FitResult:
-    """Train `config` and write its run folder; raise UserError on bad input before
-    anything is written."""
+def save(payload: dict[str, Any], path: Path) -> None:
+    try:
+        checkpoint.save_atomic(payload, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise TrainingFailed(
+            f"could not write {path} ({reason}); the previous checkpoint is kept; free disk "
+            f"space, then continue with: cifarlab train --resume {path.parent}"
+        ) from None
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    """metrics.csv from the history in last.pt, rewritten whole so that the two agree."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(METRICS)
+    for row in history:
+        writer.writerow([row["epoch"], *(f"{row[k]:.6g}" for k in METRICS[1:])])
+    checkpoint.write_atomic(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
+
+
+def check_finite(loss: torch.Tensor | None, epoch: int, step: int, config: Config) -> None:
+    if loss is not None and not bool(torch.isfinite(loss)):
+        raise TrainingFailed(
+            f"the training loss became {float(loss)} at epoch {epoch}, step {step}; the "
+            f"checkpoints from before are kept; lower the learning rate (--lr, now "
+            f"{config.optim.lr:g}) or train in float32 (--amp off)"
+        )
+
+
+def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
+    """fp16: the GradScaler halves its scale at each skipped (overflowing) step; a scale
+    under MIN_LOSS_SCALE means steps kept being skipped, so the weights stopped learning."""
+    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
+        raise TrainingFailed(
+            f"fp16 gradients overflowed step after step (loss scale {scaler.get_scale():g}) "
+            f"in epoch {epoch}; the checkpoints from before are kept; use --amp bf16 or "
+            "lower --lr"
+        )
+
+
+def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
+    """Train `config` into a new run folder, or continue the run folder `resume`.
+
+    Raises UserError on bad input before anything is written, TrainingFailed when training
+    cannot go on, TrainingInterrupted after a SIGINT/SIGTERM (with last.pt saved).
+    """
     config.validate()
     device = resolve_device(config.device)
     amp_dtype = resolve_amp(config.amp, device)
-    run_dir = run_dir_for(config)
-    check_run_dir(run_dir)
+    state = None
+    if resume is None:
+        run_dir = run_dir_for(config)
+        check_run_dir(run_dir)
+    else:
+        run_dir = Path(resume)
+        state = load_resume_state(run_dir, config)
     splits = prepare_splits(config.data)
+    if state is not None and state["classes"] != splits.classes:
+        raise UserError(f"--resume {run_dir}: the data's classes {splits.classes} differ from "
+                        f"the run's {state['classes']}")
     seed_everything(config.seed)
     model = create_model(
         config.model.name, num_classes=len(splits.classes), width=config.model.width
     )
+    check_disk_space(run_dir, model)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
+    (run_dir / "result.json").unlink(missing_ok=True)  # a resumed run is unfinished again
+    for leftover in checkpoint.remove_leftovers(run_dir):
+        log.info(f"removed {leftover.name}, left by an interrupted save")
+    checkpoint.write_atomic(run_dir / "config.yaml", lambda f: f.write(config.to_yaml().encode()))
     file_log = logging.FileHandler(run_dir / "train.log")
     log.addHandler(file_log)
     try:
-        return _train(config, splits, model, device, amp_dtype, run_dir)
+        with StopRequest() as stop:
+            return _train(config, splits, model, device, amp_dtype, run_dir, state, stop)
     finally:
         log.removeHandler(file_log)
         file_log.close()
+        if config.deterministic:
+            set_deterministic(False)
 
 
 def _train(
@@ -168,12 +307,12 @@ def _train(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     run_dir: Path,
+    state: dict[str, Any] | None,
+    stop: StopRequest,
 ) -> FitResult:
+    set_deterministic(config.deterministic)
     memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
     criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -195,10 +334,36 @@ def _train(
     steps_per_epoch = len(loader)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, config.optim.schedule)
-    )
+    def lr_at(step: int) -> float:
+        return lr_factor(step, total_steps, warmup_steps, config.optim.schedule)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    early_stopping = EarlyStopping(config.patience)
+    history: list[dict[str, float]] = []
+    start_epoch, start_step = 1, 0  # the next step to run
+    partial = {"loss_sum": 0.0, "correct": 0, "seen": 0}  # of an epoch stopped midway
+    earlier_seconds = 0.0  # training time before this process took over
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ts = state["train_state"]
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        # The saved state carries the old hyperparameters; changes allowed on resume win.
+        scheduler.base_lrs = [config.optim.lr]
+        for group in optimizer.param_groups:
+            group.update(initial_lr=config.optim.lr, momentum=config.optim.momentum,
+                         weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov,
+                         lr=config.optim.lr * lr_at(scheduler.last_epoch))
+        scaler.load_state_dict(ts["scaler"])
+        early_stopping = EarlyStopping(**ts["early_stopping"])
+        early_stopping.patience = config.patience
+        history = ts["history"]
+        (start_epoch, start_step), partial = ts["position"], ts["partial_epoch"]
+        earlier_seconds = ts["train_seconds"]
+        set_rng_states(ts["rng"])
+        log.info(f"resuming {run_dir} at epoch {start_epoch}, step {start_step}")
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -208,22 +373,51 @@ def _train(
         f"{len(splits.test.labels) if splits.test else 0:,} test images, "
         f"{len(splits.classes)} classes"
     )
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        csv.writer(f).writerow(METRICS)
+    session_start = time.perf_counter()
 
-    early_stopping = EarlyStopping(config.patience)
+    def save_last(epoch: int, step: int, partial: dict[str, float], payload: dict) -> None:
+        payload["train_state"] = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "early_stopping": asdict(early_stopping),
+            "history": history,
+            "position": [epoch, step],
+            "partial_epoch": partial,
+            "train_seconds": earlier_seconds + time.perf_counter() - session_start,
+            "rng": rng_states(),
+        }
+        save(payload, run_dir / "last.pt")
+
+    def interrupted(epoch: int, step: int) -> TrainingInterrupted:
+        return TrainingInterrupted(
+            f"stopped by {stop.name} at epoch {epoch}, step {step}; progress is saved in "
+            f"{run_dir / 'last.pt'}; continue with: cifarlab train --resume {run_dir}",
+            stop.signum or 0,
+        )
+
     show_progress = sys.stderr.isatty()
-    train_start = time.perf_counter()
-    epoch = 0
-    for epoch in range(1, config.epochs + 1):
+    epoch = start_epoch
+    for epoch in range(start_epoch, config.epochs + 1):
         epoch_start = time.perf_counter()
-        sampler.set_epoch(epoch)
+        step = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, step)
         model.train()
         # Running sums stay on the device so that no step waits for the host.
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not show_progress):
+        resumed = partial if epoch == start_epoch else {"loss_sum": 0.0, "correct": 0, "seen": 0}
+        loss_sum = torch.tensor(resumed["loss_sum"], dtype=torch.float64, device=device)
+        correct = torch.tensor(resumed["correct"], dtype=torch.int64, device=device)
+        seen = resumed["seen"]
+        last_loss = None
+        for x, y in tqdm(loader, desc=f"epoch {epoch}", initial=step, total=steps_per_epoch,
+                         leave=False, disable=not show_progress):
+            # The previous step's loss is checked now: it has finished, so this costs no wait.
+            check_finite(last_loss, epoch, step, config)
+            if stop.signum:
+                sums = {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen}
+                weights = weights_payload(model, config, splits, epoch - 1, None)
+                save_last(epoch, step, sums, weights)
+                raise interrupted(epoch, step)
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -233,41 +427,45 @@ def _train(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
-            loss_sum += loss.detach().float() * len(y)
+            last_loss = loss.detach()
+            loss_sum += last_loss.double() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+            step += 1
+        check_finite(last_loss, epoch, step, config)
+        check_loss_scale(scaler, epoch)
 
         val = evaluate(model, splits.val, splits.mean, splits.std, device,
                        amp_dtype=amp_dtype, criterion=criterion)
-        row = {
+        history.append({
             "epoch": epoch,
-            "lr": lr,
+            "lr": scheduler.base_lrs[0] * lr_at(epoch * steps_per_epoch - 1),  # epoch's last step
             "train_loss": float(loss_sum) / seen,
             "train_acc": 100.0 * float(correct) / seen,
             "val_loss": val.loss,
             "val_acc": val.acc,
             "seconds": time.perf_counter() - epoch_start,
-        }
-        with open(run_dir / "metrics.csv", "a", newline="") as f:
-            csv.writer(f).writerow([f"{row[k]:.6g}" if k != "epoch" else row[k] for k in METRICS])
-
+        })
         improved = early_stopping.update(epoch, val.acc)
-        payload = checkpoint_payload(model, config, splits, epoch, val.acc)
+        payload = weights_payload(model, config, splits, epoch, val.acc)
         if improved:
-            checkpoint.save_atomic(payload, run_dir / "best.pt")
-        checkpoint.save_atomic(payload, run_dir / "last.pt")
+            save(payload, run_dir / "best.pt")
+        save_last(epoch + 1, 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}, payload)
+        write_metrics(run_dir, history)
+        row = history[-1]
         log.info(
-            f"epoch {epoch:>3}/{config.epochs}  lr {lr:.4f}  "
+            f"epoch {epoch:>3}/{config.epochs}  lr {row['lr']:.4f}  "
             f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%  "
             f"{row['seconds']:.1f}s{'  *best' if improved else ''}"
         )
+        if stop.signum:
+            raise interrupted(epoch + 1, 0)
         if early_stopping.should_stop:
             log.info(f"early stop: no better validation accuracy in {config.patience} epochs")
             break
-    train_seconds = time.perf_counter() - train_start
+    train_seconds = earlier_seconds + time.perf_counter() - session_start
 
     test_acc, test_per_class = None, None
     if splits.test is not None:
@@ -292,7 +490,8 @@ def _train(
         classes=list(splits.classes),
         test_per_class_acc=test_per_class,
     )
-    (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    text = json.dumps(asdict(result), indent=2) + "\n"
+    checkpoint.write_atomic(run_dir / "result.json", lambda f: f.write(text.encode()))
     log.info(f"best validation accuracy {result.best_val_acc:.2f}% at epoch {result.best_epoch}; "
              f"{train_seconds:.1f}s; results in {run_dir}")
     return result

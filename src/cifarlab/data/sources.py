@@ -487,7 +487,7 @@ def _formats() -> tuple[str, ...]:
 
 def _decode_chunk(items: list[tuple[str, bytes]], resize: bool) -> np.ndarray:
     """Decode images (display name, file bytes) to uint8 (n, 32, 32, 3); UserError if one fails."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     out = np.empty((len(items), SIZE, SIZE, 3), np.uint8)
     for i, (name, data) in enumerate(items):
@@ -503,7 +503,13 @@ def _decode_chunk(items: list[tuple[str, bytes]], resize: bool) -> np.ndarray:
         except UserError:
             raise
         except Exception as e:  # PIL fails on damaged files with many exception types
-            raise UserError(f"{name}: cannot decode image ({_reason(e)}); replace or delete "
+            if not data:
+                reason = "empty file"
+            elif isinstance(e, UnidentifiedImageError):
+                reason = "not a PNG, JPEG or other image file"
+            else:
+                reason = _reason(e)
+            raise UserError(f"{name}: cannot decode image ({reason}); replace or delete "
                             "the file") from None
     return out
 

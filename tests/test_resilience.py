@@ -1,0 +1,297 @@
+"""Runs that survive: real subprocesses, real signals, real broken files."""
+
+import csv
+import hashlib
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+from cifarlab import checkpoint
+from cifarlab.cli import main
+from cifarlab.errors import UserError
+
+# About a second per epoch on two cores: long enough to be killed in the middle of one.
+TRAIN = ["train", "--data", "synthetic:800", "--epochs", "3", "--workers", "0",
+         "--batch-size", "32", "--set", "model.width=8", "--set", "optim.warmup_epochs=1",
+         "--seed", "5"]
+
+
+def cifarlab(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "cifarlab", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def wait_for_epochs(run_dir, n, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.csv"
+        if metrics.exists() and len(metrics.read_text().splitlines()) > n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("training did not reach the epoch in time")
+
+
+def metrics_without_seconds(run_dir):
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def accuracies(run_dir):
+    result = json.loads((run_dir / "result.json").read_text())
+    return {k: result[k] for k in ("best_val_acc", "best_epoch", "test_acc", "epochs_run",
+                                   "stopped_early", "test_per_class_acc")}
+
+
+def weights(path):
+    return checkpoint.load(path)["model"]
+
+
+def assert_same_run(a, b):
+    assert metrics_without_seconds(a) == metrics_without_seconds(b)
+    assert accuracies(a) == accuracies(b)
+    wa, wb = weights(a / "last.pt"), weights(b / "last.pt")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ba, bb = weights(a / "best.pt"), weights(b / "best.pt")
+    assert all(torch.equal(ba[k], bb[k]) for k in ba)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A run never interrupted."""
+    out = tmp_path_factory.mktemp("ref")
+    code, _, err = finish(cifarlab(*TRAIN, "--out", str(out), "--name", "ref"))
+    assert code == 0, err
+    return out / "ref"
+
+
+def test_cpu_runs_with_one_seed_repeat_bit_for_bit(reference, tmp_path):
+    code, _, err = finish(cifarlab(*TRAIN, "--out", str(tmp_path), "--name", "again"))
+    assert code == 0, err
+    assert_same_run(reference, tmp_path / "again")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = cifarlab(*TRAIN, "--out", str(tmp_path), "--name", "killed")
+    wait_for_epochs(run_dir, 1, proc)
+    time.sleep(0.3)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    assert not (run_dir / "result.json").exists()
+    assert checkpoint.load(run_dir / "last.pt")["train_state"]["position"][0] >= 2
+    code, out, err = finish(cifarlab("train", "--resume", str(run_dir)))
+    assert code == 0, err
+    assert "resuming" in out
+    assert_same_run(reference, run_dir)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, code):
+    run_dir = tmp_path / "stopped"
+    proc = cifarlab(*TRAIN, "--out", str(tmp_path), "--name", "stopped")
+    wait_for_epochs(run_dir, 1, proc)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    returncode, out, err = finish(proc)
+    assert returncode == code
+    assert f"cifarlab train --resume {run_dir}" in err and "Traceback" not in err
+    assert not (run_dir / "result.json").exists()  # never reports success after an interrupt
+    epoch, step = checkpoint.load(run_dir / "last.pt")["train_state"]["position"]
+    assert (epoch, step) != (1, 0)
+    returncode, _, err = finish(cifarlab("train", "--resume", str(run_dir)))
+    assert returncode == 0, err
+    assert_same_run(reference, run_dir)
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    script = (
+        "import os, signal, time\n"
+        "from cifarlab.interrupt import StopRequest\n"
+        "with StopRequest() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    assert stop.signum == signal.SIGINT\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(10)\n"
+        "    print('not reached')\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 143 and "not reached" not in proc.stdout
+    assert time.monotonic() - start < 9
+
+
+def test_resume_refuses_changed_settings_unless_allowed(reference, tmp_path, capsys):
+    run_dir = tmp_path / "short"
+    assert main([*TRAIN, "--epochs", "1", "--out", str(tmp_path), "--name", "short"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--epochs", "3", "--lr", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs: 1 -> 3" in err and "optim.lr: 0.1 -> 0.05" in err
+    assert "--allow-changes" in err and err.count("\n") == 1
+    # A finished run without more epochs: nothing to resume.
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    assert "finished" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--allow-changes"]) == 0
+    rows = metrics_without_seconds(run_dir)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert json.loads((run_dir / "result.json").read_text())["epochs_run"] == 2
+
+
+def test_kill_during_saves_always_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL a process that saves checkpoints back to back, at many instants."""
+    target = tmp_path / "last.pt"
+    script = (
+        "import sys, torch\n"
+        "from cifarlab import checkpoint\n"
+        "i = 0\n"
+        "while True:\n"
+        "    i += 1\n"
+        "    checkpoint.save_atomic({'format': checkpoint.FORMAT, 'i': i,\n"
+        "        'model': {'w': torch.full((1 << 20,), float(i))}, 'model_args': {},\n"
+        "        'classes': [], 'mean': [], 'std': []}, sys.argv[1])\n"
+        "    print(i, flush=True)\n"
+    )
+    for delay in (0.05, 0.11, 0.17, 0.23, 0.31, 0.43):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(target)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline()  # at least one save completed
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        ckpt = checkpoint.load(target)
+        assert torch.equal(ckpt["model"]["w"], torch.full((1 << 20,), float(ckpt["i"])))
+    checkpoint.remove_leftovers(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path):
+    """A file-size limit (as a full disk would) makes the saves of epoch 2 fail."""
+    run_dir = tmp_path / "r"
+    assert main([*TRAIN, "--epochs", "1", "--out", str(tmp_path), "--name", "r"]) == 0
+    before = {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+              for name in ("last.pt", "best.pt")}
+    limit = (run_dir / "best.pt").stat().st_size // 2
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = cifarlab("train", "--resume", str(run_dir), "--epochs", "2", "--allow-changes",
+                    preexec_fn=limit_file_size)
+    code, _, err = finish(proc)
+    assert code == 1 and "could not write" in err and "--resume" in err
+    assert "Traceback" not in err
+    after = {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+             for name in ("last.pt", "best.pt")}
+    assert after == before
+    assert not list(run_dir.glob(".*.tmp"))
+    assert not (run_dir / "result.json").exists()  # the run is unfinished, not reported done
+    assert checkpoint.load(run_dir / "last.pt")["train_state"]["position"] == [2, 0]
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert main([*TRAIN, "--epochs", "1", "--out", str(tmp_path), "--name", "r"]) == 0
+    before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "best.pt")}
+    capsys.readouterr()
+    code = main(["train", "--resume", str(run_dir), "--epochs", "2", "--allow-changes",
+                 "--lr", "1e30"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "loss became" in err and "epoch 2" in err and "--lr" in err
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_fp16_overflow_streak_stops_training():
+    from cifarlab.errors import TrainingFailed
+    from cifarlab.train import MIN_LOSS_SCALE, check_loss_scale
+
+    check_loss_scale(torch.amp.GradScaler("cpu", init_scale=2.0**16), epoch=3)  # healthy
+    check_loss_scale(torch.amp.GradScaler("cpu", enabled=False), epoch=3)  # float32
+    # Each skipped step halves the scale: 2^16 -> under 1 after 17 skips in a row.
+    collapsed = torch.amp.GradScaler("cpu", init_scale=MIN_LOSS_SCALE / 2)
+    with pytest.raises(TrainingFailed, match="epoch 3.*--amp bf16"):
+        check_loss_scale(collapsed, epoch=3)
+
+
+# --- Untrusted checkpoints -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_checkpoint(reference):
+    return reference / "best.pt"
+
+
+def broken_checkpoints(tmp_path, good):
+    ckpt = torch.load(good, weights_only=True)
+    cases = {}
+    data = good.read_bytes()
+    cases["truncated"] = (data[: len(data) // 2], "not a readable cifarlab checkpoint")
+    cases["empty"] = (b"", "not a readable cifarlab checkpoint")
+    cases["foreign-bytes"] = (os.urandom(4096), "not a readable cifarlab checkpoint")
+
+    def saved(obj):
+        path = tmp_path / "tmp.pt"
+        torch.save(obj, path)
+        return path.read_bytes()
+
+    cases["foreign-tensor"] = (saved(torch.zeros(3)), "not a cifarlab checkpoint")
+    missing = {k: v for k, v in ckpt.items() if k != "classes"}
+    cases["missing-key"] = (saved(missing), "missing ['classes']")
+    nan = dict(ckpt, model=dict(ckpt["model"], **{"fc.bias": torch.full((10,), float("nan"))}))
+    cases["non-finite"] = (saved(nan), "NaN")
+    lost = dict(ckpt, model={k: v for k, v in ckpt["model"].items() if k != "fc.weight"})
+    cases["missing-weight"] = (saved(lost), "weights do not fit")
+    wide = dict(ckpt, model_args=dict(ckpt["model_args"], width=16))
+    cases["wrong-architecture"] = (saved(wide), "weights do not fit")
+    classes = dict(ckpt, classes=ckpt["classes"][:3])
+    cases["class-count"] = (saved(classes), "3 class names for 10 outputs")
+    return cases
+
+
+def test_broken_checkpoints_are_refused_with_one_line(good_checkpoint, tmp_path, capsys):
+    for name, (data, message) in broken_checkpoints(tmp_path, good_checkpoint).items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(data)
+        code = main(["evaluate", str(path), "--data", "synthetic:800"])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert message in err and str(path) in err and err.count("\n") == 1, (name, err)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {RunsCode.marker}",))
+
+
+def test_a_checkpoint_that_runs_code_when_unpickled_does_not_run_it(tmp_path, capsys):
+    RunsCode.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": RunsCode()}, path)
+    with zipfile.ZipFile(path) as z:  # the payload really is in the file
+        assert any(b"system" in z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+    with pytest.raises(UserError, match="not a readable cifarlab checkpoint"):
+        checkpoint.load(path)
+    assert main(["evaluate", str(path), "--data", "synthetic"]) == 2
+    assert not RunsCode.marker.exists()
+    # Pickled without torch's container too.
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(RunsCode(), protocol=2))
+    with pytest.raises(UserError):
+        checkpoint.load(raw)
+    assert not RunsCode.marker.exists()
