@@ -57,6 +57,8 @@ class FitResult:
     torch_version: str
     classes: list[str]
     test_per_class_acc: list[float | None] | None  # None for a class without test images
+    test_confusion: list[list[int]] | None  # rows: true class, columns: predicted
+    data: dict[str, Any]  # image counts per split, measured per-channel mean and std
 
 
 @dataclass
@@ -467,13 +469,14 @@ def _train(
             break
     train_seconds = earlier_seconds + time.perf_counter() - session_start
 
-    test_acc, test_per_class = None, None
+    test_acc, test_per_class, test_confusion = None, None, None
     if splits.test is not None:
         best = checkpoint.load(run_dir / "best.pt")
         model.load_state_dict(best["model"])
         test = evaluate(model, splits.test, splits.mean, splits.std, device, amp_dtype=amp_dtype)
         test_acc = test.acc
         test_per_class = [None if np.isnan(a) else a for a in test.per_class_acc]
+        test_confusion = test.confusion.tolist()
         log.info(f"test accuracy of the best checkpoint (epoch {early_stopping.best_epoch}): "
                  f"{test_acc:.2f}%")
 
@@ -489,6 +492,14 @@ def _train(
         torch_version=torch.__version__,
         classes=list(splits.classes),
         test_per_class_acc=test_per_class,
+        test_confusion=test_confusion,
+        data={
+            "train_images": len(splits.train.labels),
+            "val_images": len(splits.val.labels),
+            "test_images": len(splits.test.labels) if splits.test is not None else 0,
+            "mean": list(splits.mean),
+            "std": list(splits.std),
+        },
     )
     text = json.dumps(asdict(result), indent=2) + "\n"
     checkpoint.write_atomic(run_dir / "result.json", lambda f: f.write(text.encode()))
