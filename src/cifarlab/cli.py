@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{text} [{key}]")
     train.add_argument("--deterministic", action="store_true", default=None,
                        help="deterministic CUDA kernels, repeatable runs (slower) [deterministic]")
+    train.add_argument("--gpus", type=int, metavar="N",
+                       help="train on N GPUs through torchrun (with --device cpu: N processes)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a run from its last.pt, exactly where it stopped")
     train.add_argument("--allow-changes", action="store_true",
@@ -125,18 +128,54 @@ def resume_config(args: argparse.Namespace) -> cfg.Config:
     return config
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == option:
+            skip = True
+        elif not token.startswith(option + "="):
+            out.append(token)
+    return out
+
+
+def launch_torchrun(args: argparse.Namespace, config: cfg.Config, argv: list[str]) -> NoReturn:
+    """Replace this process by torchrun running the same command once per GPU. The run
+    folder name is fixed here so that every worker, and every restart, uses the same one."""
+    import torch
+
+    from cifarlab.train import run_dir_for
+
+    if args.gpus < 1:
+        raise UserError("--gpus must be at least 1")
+    if config.device != "cpu" and torch.cuda.device_count() < args.gpus:
+        raise UserError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are "
+                        "visible; lower --gpus (or use --device cpu for CPU processes)")
+    command = without_option(argv, "--gpus")
+    if not args.resume and not args.name:
+        command += ["--name", run_dir_for(config).name]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={args.gpus}", "-m", "cifarlab", *command]
+    sys.stdout.flush()
+    os.execv(sys.executable, torchrun)
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from cifarlab.train import fit  # torch-heavy imports only for the commands that need them
 
     config = resume_config(args) if args.resume else resolve_config(args)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if args.gpus is not None:
+        launch_torchrun(args, config, argv)
     fit(config, resume=args.resume)
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     from cifarlab.data.sources import load_source
     from cifarlab.evaluate import evaluate
     from cifarlab.train import resolve_device
@@ -162,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_summary(args: argparse.Namespace) -> int:
+def cmd_summary(args: argparse.Namespace, argv: list[str]) -> int:
     from cifarlab.profile import profile_model
 
     profile = profile_model(args.model, classes=args.classes, width=args.width)
@@ -185,10 +224,13 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    # Under torchrun only rank 0 tells the story; the others speak up for warnings.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args, argv)
     except UserError as e:
         print(f"cifarlab: error: {e}", file=sys.stderr)
         return 2
@@ -201,6 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cifarlab: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if os.environ.get("RANK") is None or not is_collective_failure(e):
+            raise
+        first_line = str(e).strip().splitlines()[0][:200]
+        print(f"cifarlab: rank {os.environ['RANK']}: another process of this job failed "
+              f"({first_line}); its own log says why; the last checkpoint is kept and "
+              "torchrun --max-restarts resumes from it", file=sys.stderr)
+        return 1
+
+
+def is_collective_failure(error: RuntimeError) -> bool:
+    """A broken connection to a peer, as gloo and NCCL report it."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or "gloo" in text or "nccl" in text
 
 
 if __name__ == "__main__":

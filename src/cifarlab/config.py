@@ -90,6 +90,7 @@ class Config:
     device: str = "auto"  # "auto": CUDA when present
     seed: int = 0  # weights, shuffling and augmentation (the split has its own seed)
     deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs always are
+    sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch
     out: str = "runs"
     name: str | None = None  # run folder name; default <preset>-<timestamp>
 

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifarlab import distributed
 from cifarlab.data.cpu_augment import normalize
 from cifarlab.data.sources import ImageSet
+from cifarlab.distributed import World
 
 
 @dataclass
@@ -38,11 +40,15 @@ def evaluate(
     batch_size: int = 1024,
     amp_dtype: torch.dtype | None = None,
     criterion: nn.Module | None = None,
+    world: World | None = None,
 ) -> Evaluation:
+    """Under DDP (`world`) each rank scores every world.size-th image and the sums are
+    added up, so that every rank returns the same numbers for the whole set."""
     criterion = criterion or nn.CrossEntropyLoss()
+    world = world or World()
     n_classes = len(data.classes)
-    images = torch.from_numpy(data.images)
-    labels = torch.from_numpy(data.labels)
+    images = torch.from_numpy(data.images[world.rank :: world.size])
+    labels = torch.from_numpy(data.labels[world.rank :: world.size])
     # Sums stay on the device: one host synchronisation per evaluation, not per batch.
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
@@ -56,6 +62,8 @@ def evaluate(
         loss_sum += criterion(logits.float(), y) * len(y)
         confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2)
     model.train(was_training)
+    distributed.all_reduce(loss_sum)
+    distributed.all_reduce(confusion)
     matrix = confusion.view(n_classes, n_classes).cpu().numpy()
-    n = max(1, len(labels))
+    n = max(1, len(data.labels))
     return Evaluation(float(loss_sum) / n, 100.0 * float(np.trace(matrix)) / n, matrix)

@@ -25,13 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cifarlab import checkpoint
+from cifarlab import checkpoint, distributed
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.loader import build_train_loader
 from cifarlab.data.splits import Splits, prepare_splits
+from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest
@@ -54,6 +56,7 @@ class FitResult:
     stopped_early: bool
     train_seconds: float  # wall time of all epochs, validation included, over all resumes
     device: str
+    world_size: int  # processes (GPUs) that trained together
     torch_version: str
     classes: list[str]
     test_per_class_acc: list[float | None] | None  # None for a class without test images
@@ -239,13 +242,17 @@ def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
     checkpoint.write_atomic(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
 
 
-def check_finite(loss: torch.Tensor | None, epoch: int, step: int, config: Config) -> None:
-    if loss is not None and not bool(torch.isfinite(loss)):
+def check_flags(flags: torch.Tensor, epoch: int, step: int, config: Config) -> bool:
+    """Read the last step's [loss not finite, stop requested] flags (maxed over the ranks):
+    raise when the loss was NaN or infinite; return whether a stop was requested."""
+    loss_not_finite, stop_requested = flags.tolist()
+    if loss_not_finite:
         raise TrainingFailed(
-            f"the training loss became {float(loss)} at epoch {epoch}, step {step}; the "
+            f"the training loss became NaN or infinite at epoch {epoch}, step {step}; the "
             f"checkpoints from before are kept; lower the learning rate (--lr, now "
             f"{config.optim.lr:g}) or train in float32 (--amp off)"
         )
+    return bool(stop_requested)
 
 
 def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
@@ -262,20 +269,44 @@ def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
 def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     """Train `config` into a new run folder, or continue the run folder `resume`.
 
+    Under torchrun each process calls this; rank 0 alone writes files and logs.
     Raises UserError on bad input before anything is written, TrainingFailed when training
     cannot go on, TrainingInterrupted after a SIGINT/SIGTERM (with last.pt saved).
     """
     config.validate()
     device = resolve_device(config.device)
+    world = distributed.init(device.type)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if config.sync_batchnorm and world.distributed and device.type != "cuda":
+        raise UserError("sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
+                        "version); drop --set sync_batchnorm=true")
+    if config.batch_size % world.size:
+        raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
+                        f"evenly over {world.size} processes; change --batch-size")
+    try:
+        return _fit(config, resume, device, world)
+    finally:
+        distributed.shutdown()
+
+
+def _fit(config: Config, resume: str | Path | None, device: torch.device, world: World
+         ) -> FitResult:
     amp_dtype = resolve_amp(config.amp, device)
+    run_dir = Path(resume) if resume else distributed.broadcast(run_dir_for(config))
+    if resume is None and distributed.restart_count() > 0 and (run_dir / "last.pt").exists():
+        resume = run_dir  # torchrun restarted the workers: go on from the last checkpoint
     state = None
     if resume is None:
-        run_dir = run_dir_for(config)
         check_run_dir(run_dir)
     else:
-        run_dir = Path(resume)
         state = load_resume_state(run_dir, config)
+    # Rank 0 decodes and caches the data first; the others then read the cache.
+    if not world.is_main:
+        distributed.barrier()
     splits = prepare_splits(config.data)
+    if world.is_main:
+        distributed.barrier()
     if state is not None and state["classes"] != splits.classes:
         raise UserError(f"--resume {run_dir}: the data's classes {splits.classes} differ from "
                         f"the run's {state['classes']}")
@@ -284,7 +315,11 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
         config.model.name, num_classes=len(splits.classes), width=config.model.width
     )
     check_disk_space(run_dir, model)
+    distributed.barrier()  # every rank has checked the run folder before rank 0 creates it
 
+    if not world.is_main:
+        with StopRequest() as stop:
+            return _train(config, splits, model, device, amp_dtype, run_dir, state, stop, world)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)  # a resumed run is unfinished again
     for leftover in checkpoint.remove_leftovers(run_dir):
@@ -294,7 +329,7 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     log.addHandler(file_log)
     try:
         with StopRequest() as stop:
-            return _train(config, splits, model, device, amp_dtype, run_dir, state, stop)
+            return _train(config, splits, model, device, amp_dtype, run_dir, state, stop, world)
     finally:
         log.removeHandler(file_log)
         file_log.close()
@@ -311,10 +346,20 @@ def _train(
     run_dir: Path,
     state: dict[str, Any] | None,
     stop: StopRequest,
+    world: World,
 ) -> FitResult:
     set_deterministic(config.deterministic)
     memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    if config.sync_batchnorm and world.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
+    # `model` is what is evaluated and saved; `train_model` what steps (DDP averages the
+    # gradients over the ranks during backward).
+    train_model = model
+    if world.distributed:
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -328,14 +373,17 @@ def _train(
         torch.from_numpy(splits.train.images),
         torch.from_numpy(splits.train.labels),
         train_transform(config.data.augment, splits.mean, splits.std),
-        batch_size=config.batch_size,
+        batch_size=config.batch_size // world.size,
         seed=config.seed,
         workers=workers,
         pin_memory=device.type == "cuda",
+        rank=world.rank,
+        world_size=world.size,
     )
     steps_per_epoch = len(loader)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
+
     def lr_at(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, config.optim.schedule)
 
@@ -370,8 +418,8 @@ def _train(
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         f"run {run_dir}: {config.model.name} width {config.model.width} ({n_params:,} parameters)"
-        f" on {device.type}, amp {amp_dtype or 'off'}; {len(splits.train.labels):,} train / "
-        f"{len(splits.val.labels):,} val / "
+        f" on {world.size} x {device.type}, amp {amp_dtype or 'off'}; "
+        f"{len(splits.train.labels):,} train / {len(splits.val.labels):,} val / "
         f"{len(splits.test.labels) if splits.test else 0:,} test images, "
         f"{len(splits.classes)} classes"
     )
@@ -398,63 +446,81 @@ def _train(
             stop.signum or 0,
         )
 
-    show_progress = sys.stderr.isatty()
+    def sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> dict[str, float]:
+        """The epoch's running sums, added up over the ranks."""
+        totals = distributed.all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(
+            float(seen), dtype=torch.float64, device=device)])).tolist()
+        return {"loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2])}
+
+    show_progress = sys.stderr.isatty() and world.is_main
+    # [loss not finite, stop requested] of the last step, maxed over the ranks, so that all
+    # ranks take the same decision at the same step.
+    flags = torch.zeros(2, device=device)
     epoch = start_epoch
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_start = time.perf_counter()
         step = start_step if epoch == start_epoch else 0
         sampler.set_epoch(epoch, step)
-        model.train()
-        # Running sums stay on the device so that no step waits for the host.
-        resumed = partial if epoch == start_epoch else {"loss_sum": 0.0, "correct": 0, "seen": 0}
-        loss_sum = torch.tensor(resumed["loss_sum"], dtype=torch.float64, device=device)
-        correct = torch.tensor(resumed["correct"], dtype=torch.int64, device=device)
-        seen = resumed["seen"]
-        last_loss = None
+        train_model.train()
+        # Running sums stay on the device so that no step waits for the host; a resumed
+        # epoch starts from the totals saved by rank 0 (the other ranks add zero).
+        resumed = partial if epoch == start_epoch and world.is_main else {}
+        loss_sum = torch.tensor(resumed.get("loss_sum", 0.0), dtype=torch.float64, device=device)
+        correct = torch.tensor(resumed.get("correct", 0), dtype=torch.int64, device=device)
+        seen = resumed.get("seen", 0)
+        stepped = False
         for x, y in tqdm(loader, desc=f"epoch {epoch}", initial=step, total=steps_per_epoch,
                          leave=False, disable=not show_progress):
-            # The previous step's loss is checked now: it has finished, so this costs no wait.
-            check_finite(last_loss, epoch, step, config)
-            if stop.signum:
-                sums = {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen}
-                weights = weights_payload(model, config, splits, epoch - 1, None)
-                save_last(epoch, step, sums, weights)
+            # The last step's flags are read now: it has finished, so this costs no wait.
+            if stepped and check_flags(flags, epoch, step, config):
+                totals = sums(loss_sum, correct, seen)
+                if world.is_main:
+                    weights = weights_payload(model, config, splits, epoch - 1, None)
+                    save_last(epoch, step, totals, weights)
+                distributed.barrier()  # no rank exits before rank 0 has saved
                 raise interrupted(epoch, step)
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
+                logits = train_model(x)
                 loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            last_loss = loss.detach()
-            loss_sum += last_loss.double() * len(y)
+            loss_sum += loss.detach().double() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step += 1
-        check_finite(last_loss, epoch, step, config)
+            flags[0] = ~torch.isfinite(loss.detach())
+            flags[1].fill_(float(stop.signum is not None))
+            distributed.all_reduce(flags, "max")
+            stepped = True
+        if stepped:
+            check_flags(flags, epoch, step, config)
         check_loss_scale(scaler, epoch)
 
+        totals = sums(loss_sum, correct, seen)
+        distributed.sync_buffers(model)
         val = evaluate(model, splits.val, splits.mean, splits.std, device,
-                       amp_dtype=amp_dtype, criterion=criterion)
+                       amp_dtype=amp_dtype, criterion=criterion, world=world)
         history.append({
             "epoch": epoch,
             "lr": scheduler.base_lrs[0] * lr_at(epoch * steps_per_epoch - 1),  # epoch's last step
-            "train_loss": float(loss_sum) / seen,
-            "train_acc": 100.0 * float(correct) / seen,
+            "train_loss": totals["loss_sum"] / totals["seen"],
+            "train_acc": 100.0 * totals["correct"] / totals["seen"],
             "val_loss": val.loss,
             "val_acc": val.acc,
             "seconds": time.perf_counter() - epoch_start,
         })
         improved = early_stopping.update(epoch, val.acc)
-        payload = weights_payload(model, config, splits, epoch, val.acc)
-        if improved:
-            save(payload, run_dir / "best.pt")
-        save_last(epoch + 1, 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}, payload)
-        write_metrics(run_dir, history)
+        if world.is_main:
+            payload = weights_payload(model, config, splits, epoch, val.acc)
+            if improved:
+                save(payload, run_dir / "best.pt")
+            save_last(epoch + 1, 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}, payload)
+            write_metrics(run_dir, history)
         row = history[-1]
         log.info(
             f"epoch {epoch:>3}/{config.epochs}  lr {row['lr']:.4f}  "
@@ -462,18 +528,25 @@ def _train(
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%  "
             f"{row['seconds']:.1f}s{'  *best' if improved else ''}"
         )
-        if stop.signum:
+        stop_now = torch.tensor(float(stop.signum is not None), device=device)
+        if distributed.all_reduce(stop_now, "max") > 0:
+            distributed.barrier()
             raise interrupted(epoch + 1, 0)
         if early_stopping.should_stop:
             log.info(f"early stop: no better validation accuracy in {config.patience} epochs")
             break
     train_seconds = earlier_seconds + time.perf_counter() - session_start
+    if not distributed.same_on_all_ranks(list(model.state_dict().values())):
+        raise TrainingFailed("the ranks ended with different weights; this is a bug in the "
+                             "distributed setup, please report it with the command line")
 
     test_acc, test_per_class, test_confusion = None, None, None
     if splits.test is not None:
+        distributed.barrier()  # best.pt is complete before any rank reads it
         best = checkpoint.load(run_dir / "best.pt")
         model.load_state_dict(best["model"])
-        test = evaluate(model, splits.test, splits.mean, splits.std, device, amp_dtype=amp_dtype)
+        test = evaluate(model, splits.test, splits.mean, splits.std, device,
+                        amp_dtype=amp_dtype, world=world)
         test_acc = test.acc
         test_per_class = [None if np.isnan(a) else a for a in test.per_class_acc]
         test_confusion = test.confusion.tolist()
@@ -489,6 +562,7 @@ def _train(
         stopped_early=early_stopping.should_stop,
         train_seconds=train_seconds,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        world_size=world.size,
         torch_version=torch.__version__,
         classes=list(splits.classes),
         test_per_class_acc=test_per_class,
@@ -501,8 +575,9 @@ def _train(
             "std": list(splits.std),
         },
     )
-    text = json.dumps(asdict(result), indent=2) + "\n"
-    checkpoint.write_atomic(run_dir / "result.json", lambda f: f.write(text.encode()))
+    if world.is_main:
+        text = json.dumps(asdict(result), indent=2) + "\n"
+        checkpoint.write_atomic(run_dir / "result.json", lambda f: f.write(text.encode()))
     log.info(f"best validation accuracy {result.best_val_acc:.2f}% at epoch {result.best_epoch}; "
              f"{train_seconds:.1f}s; results in {run_dir}")
     return result
