@@ -75,6 +75,7 @@ def test_brightness_contrast_saturation(images, name, low, high):
 @pytest.mark.parametrize("limit", [0.1, 0.5])
 def test_hue(images, limit):
     shift = uniform(N, -limit, limit)
+    shift[-3:] = -1e-8  # the flat images: hue 0 shifted by -1e-8 wraps to exactly 1.0
     assert_same(G.adjust_hue(images.float(), shift), reference(images, TF.adjust_hue, shift))
 
 
@@ -190,7 +191,7 @@ def test_without_augmentation_the_chain_only_normalises(images):
 
 
 def test_chain_output_statistics_match_torchvisions_chain(images):
-    smooth = images[:32].repeat(8, 1, 1, 1)
+    smooth = images[:32].repeat(4, 1, 1, 1)
     mean = (smooth.float().mean((0, 2, 3)) / 255).tolist()
     std = (smooth.float().std((0, 2, 3)) / 255).tolist()
     ours = G.BatchAugment(AugmentConfig(), mean, std)(smooth, torch.Generator().manual_seed(9))

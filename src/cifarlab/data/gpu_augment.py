@@ -157,11 +157,9 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     s = spread / torch.where(grey, ones, maxc)
     rc, gc, bc = ((maxc.unsqueeze(1) - image) / torch.where(grey, ones, spread).unsqueeze(1)
                   ).unbind(1)
-    max_is_r, max_is_g = maxc == r, maxc == g
-    hr = (bc - gc) * max_is_r
-    hg = (rc + 2.0 - bc) * (max_is_g & ~max_is_r)
-    hb = (gc + 4.0 - rc) * ~(max_is_g | max_is_r)
-    h = (hr + hg + hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
+    # torchvision sums three masked terms; exactly one is non-zero, so a selection is equal.
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, rc + 2.0 - bc, gc + 4.0 - rc))
+    h = h.mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
     h = h.add_(shift.view(-1, 1, 1)).remainder_(1.0)
 
     h6 = h * 6
@@ -173,13 +171,14 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     t = (sxf + one_minus_s).mul_(maxc).clamp_(0.0, 1.0)
     p = one_minus_s.mul_(maxc).clamp_(0.0, 1.0)
     vpqt = torch.stack((maxc, p, q, t), 1)
-    # torchvision picks each channel from (v, p, q, t) by hue sector with the table
+    # torchvision picks each channel from (v, p, q, t) by hue sector (0..5; 6 counts as 0):
     #   R: 0 2 1 1 3 0   G: 3 0 0 2 1 1   B: 1 1 3 0 0 2
-    # G and B are R's row read 2 and 4 sectors back. R's row, packed at two bits per sector,
-    # is 856: the picks are computed on the device, with no table copied from the host.
-    offsets = torch.arange(0, 6, 2, device=x.device).view(1, 3, 1, 1)
-    back = (sector.long().unsqueeze(1) - offsets).remainder_(6)
-    pick = torch.bitwise_right_shift(856, 2 * back).bitwise_and_(3)
+    # G and B are R's row read 2 and 4 sectors back. The (3, 7) table is computed on the
+    # device from R's row packed at two bits per sector (856): no copy from the host.
+    back = torch.arange(7, device=x.device) - torch.arange(0, 6, 2, device=x.device)[:, None]
+    table = torch.bitwise_right_shift(856, 2 * back.remainder_(6)).bitwise_and_(3)
+    channel = torch.arange(3, device=x.device).view(1, 3, 1, 1)
+    pick = table[channel, sector.long().unsqueeze(1)]
     return vpqt.gather(1, pick).mul_(255 + 1.0 - 1e-3).floor_()
 
 
