@@ -151,23 +151,38 @@ def test_erase(images):
 
 # --- the whole chain ------------------------------------------------------------------------
 
-def tv_chain(image, i, p: G.AugmentParams):
+def tv_chain(image, i, p: G.AugmentParams, padding: int):
     """torchvision's functional ops in the seed's order with image i's parameters."""
-    if p.flip[i]:
+    if p.flip is not None and p.flip[i]:
         image = TF.horizontal_flip(image)
-    image = TF.rotate(image, p.angle[i].item(), NEAREST, fill=0)
-    image = tv_jitter(image, p.jitter.order[i].tolist(), *p.jitter.factors[i].tolist(),
-                      p.jitter.hue[i].item())
-    image = TF.crop(TF.pad(image, [4]), *p.crop[i].tolist(), 32, 32)
-    image = tv_translate(image, p.translate[i].tolist())
-    return TF.erase(tv_normalize(image), *p.erase[i].tolist(), torch.tensor(0.0))
+    if p.angle is not None:
+        image = TF.rotate(image, p.angle[i].item(), NEAREST, fill=0)
+    if p.jitter is not None:
+        j = p.jitter
+        factors = j.factors[i].tolist() if j.factors is not None else [None] * 3
+        image = tv_jitter(image, j.order[i].tolist(), *factors,
+                          j.hue[i].item() if j.hue is not None else None)
+    if p.crop is not None:
+        image = TF.crop(TF.pad(image, [padding]), *p.crop[i].tolist(), 32, 32)
+    if p.translate is not None:
+        image = tv_translate(image, p.translate[i].tolist())
+    image = tv_normalize(image)
+    return TF.erase(image, *p.erase[i].tolist(), torch.tensor(0.0)) if p.erase is not None \
+        else image
 
 
-def test_chain_with_drawn_params_matches_torchvision_per_image(images):
-    augment = G.BatchAugment(AugmentConfig(), MEAN, STD)
+@pytest.mark.parametrize("aug", [
+    AugmentConfig(),
+    AugmentConfig(rotate_degrees=0.0, hue=0.0, translate=0.0, crop_padding=2),
+    AugmentConfig(hflip=0.0, brightness=0.0, contrast=0.0, saturation=0.0, crop_padding=0,
+                  erase_p=0.0),
+], ids=["seed", "no rotation, hue, translation", "hue and rotation only"])
+def test_chain_with_drawn_params_matches_torchvision_per_image(images, aug):
+    augment = G.BatchAugment(aug, MEAN, STD)
     params = augment.draw(N, (32, 32), torch.Generator().manual_seed(6))
     ours = augment.apply(images.permute(0, 2, 3, 1), params)  # NHWC, as the data set is kept
-    theirs = torch.stack([tv_chain(im, i, params) for i, im in enumerate(images)])
+    theirs = torch.stack([tv_chain(im, i, params, aug.crop_padding)
+                          for i, im in enumerate(images)])
     assert_same(ours, theirs)
     assert ours.dtype == torch.float32 and ours.shape == (N, 3, 32, 32)
     assert ours.is_contiguous(memory_format=torch.channels_last)

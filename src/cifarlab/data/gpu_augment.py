@@ -208,9 +208,9 @@ def color_jitter(x: torch.Tensor, params: JitterParams) -> torch.Tensor:
     keeps the slots its order puts before hue in the first pass and the others in the second,
     with factor 1 (exactly the identity) in the slots it skips.
     """
-    hue_pos = (params.order == HUE).long().argmax(1)
     if params.factors is None:
         return adjust_hue(x, params.hue) if params.hue is not None else x
+    hue_pos = (params.order == HUE).long().argmax(1)
     slots = []
     for j in range(3):
         op = params.order.gather(1, (j + (hue_pos <= j).long())[:, None])
