@@ -95,6 +95,16 @@ class AugmentedImages(Dataset):
             rng.set_state(state)
 
 
+def train_sampler(
+    n: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1
+) -> EpochBatchSampler:
+    """The training order of `n` images, for this rank."""
+    # BatchNorm cannot train on a last batch of one image.
+    per_rank = math.ceil(n / world_size)
+    return EpochBatchSampler(n, batch_size, seed, rank=rank, world_size=world_size,
+                             drop_last=per_rank % batch_size == 1)
+
+
 def build_train_loader(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -109,12 +119,7 @@ def build_train_loader(
 ) -> tuple[DataLoader, EpochBatchSampler]:
     """A DataLoader over uint8 NHWC `images` and its sampler (call `sampler.set_epoch`
     before iterating)."""
-    # BatchNorm cannot train on a last batch of one image.
-    per_rank = math.ceil(len(labels) / world_size)
-    sampler = EpochBatchSampler(
-        len(labels), batch_size, seed, rank=rank, world_size=world_size,
-        drop_last=per_rank % batch_size == 1,
-    )
+    sampler = train_sampler(len(labels), batch_size, seed, rank=rank, world_size=world_size)
     loader = DataLoader(
         AugmentedImages(images, labels, transform, seed),
         batch_sampler=sampler,
