@@ -26,6 +26,16 @@ def run(tmp_path_factory):
     return out / "e2e", proc.stdout
 
 
+def test_resident_loader_learns_as_well_as_the_torchvision_loader(run, tmp_path):
+    run_dir, _ = run
+    assert main([*TRAIN, "--loader", "resident", "--out", str(tmp_path), "--name", "r"]) == 0
+    reference = json.loads((run_dir / "result.json").read_text())
+    resident = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert resident["best_val_acc"] > 70
+    assert abs(resident["best_val_acc"] - reference["best_val_acc"]) < 15
+    assert abs(resident["test_acc"] - reference["test_acc"]) < 15
+
+
 def test_train_writes_every_file(run):
     run_dir, _ = run
     for name in ("config.yaml", "metrics.csv", "best.pt", "last.pt", "result.json", "train.log"):

@@ -31,6 +31,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "test_data": ("data.test_source", str, "test images (default: the source's own test split)"),
     "data_root": ("data.root", str, "where downloads and the decode cache go (default ./data)"),
     "limit": ("data.limit", int, "train on a class-balanced random subset of N images"),
+    "loader": ("data.loader", str, "auto, torchvision (per image, CPU workers) or resident "
+               "(data set on the device, augmented per batch there)"),
     "workers": ("data.workers", int, "DataLoader worker processes (-1: automatic)"),
     "epochs": ("epochs", int, "maximum number of epochs"),
     "batch_size": ("batch_size", int, "images per optimizer step"),

@@ -21,6 +21,7 @@ from cifarlab.errors import UserError
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "constant")
+LOADERS = ("auto", "torchvision", "resident")
 
 
 @dataclass
@@ -56,6 +57,10 @@ class DataConfig:
     split_seed: int = 43  # the seed report's split seed
     limit: int | None = None  # class-balanced random subset of the training images
     resize: bool = False  # resize images that are not 32x32 instead of refusing them
+    # "torchvision": transforms per image in DataLoader workers (the seed's way, the
+    # reference); "resident": the data set on the device, augmented there per batch;
+    # "auto": resident on CUDA, torchvision on the CPU.
+    loader: str = "auto"
     workers: int = -1  # DataLoader worker processes; -1: one per CPU core, at most 16
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -108,6 +113,7 @@ class Config:
             (self.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
             (0 <= self.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
             (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
+            (self.data.loader in LOADERS, f"data.loader must be one of {', '.join(LOADERS)}"),
             (self.data.limit is None or self.data.limit >= 20, "data.limit must be >= 20"),
             (self.model.width >= 1, "model.width must be >= 1"),
         ]

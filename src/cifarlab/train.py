@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from tqdm import tqdm
 from cifarlab import checkpoint, distributed
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import train_transform
-from cifarlab.data.loader import build_train_loader
+from cifarlab.data.loader import EpochBatchSampler, build_train_loader
+from cifarlab.data.resident import ResidentLoader, build_resident_loader
 from cifarlab.data.splits import Splits, prepare_splits
 from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
@@ -197,6 +199,32 @@ def default_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
     # On the CPU the model competes with the workers for the same cores.
     return min(16, cores) if device.type == "cuda" else min(4, cores // 2)
+
+
+def make_loader(
+    config: Config, splits: Splits, device: torch.device, world: World
+) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], EpochBatchSampler | ResidentLoader]:
+    """The training batches of one rank and the object that positions them
+    (`set_epoch(epoch, start_step)`); both paths yield the same images at each step."""
+    kind = config.data.loader
+    if kind == "auto":
+        kind = "resident" if device.type == "cuda" else "torchvision"
+    common = dict(batch_size=config.batch_size // world.size, seed=config.seed,
+                  rank=world.rank, world_size=world.size)
+    if kind == "resident":
+        loader = build_resident_loader(splits.train.images, splits.train.labels,
+                                       config.data.augment, splits.mean, splits.std,
+                                       device=device, **common)
+        return loader, loader
+    workers = config.data.workers if config.data.workers >= 0 else default_workers(device)
+    return build_train_loader(
+        torch.from_numpy(splits.train.images),
+        torch.from_numpy(splits.train.labels),
+        train_transform(config.data.augment, splits.mean, splits.std),
+        workers=workers,
+        pin_memory=device.type == "cuda",
+        **common,
+    )
 
 
 def weights_payload(
@@ -367,19 +395,9 @@ def _train(
         momentum=config.optim.momentum,
         weight_decay=config.optim.weight_decay,
         nesterov=config.optim.nesterov,
+        fused=device.type == "cuda",  # one kernel for all parameters instead of one each
     )
-    workers = config.data.workers if config.data.workers >= 0 else default_workers(device)
-    loader, sampler = build_train_loader(
-        torch.from_numpy(splits.train.images),
-        torch.from_numpy(splits.train.labels),
-        train_transform(config.data.augment, splits.mean, splits.std),
-        batch_size=config.batch_size // world.size,
-        seed=config.seed,
-        workers=workers,
-        pin_memory=device.type == "cuda",
-        rank=world.rank,
-        world_size=world.size,
-    )
+    loader, sampler = make_loader(config, splits, device, world)
     steps_per_epoch = len(loader)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
