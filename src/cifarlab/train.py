@@ -345,22 +345,23 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     check_disk_space(run_dir, model)
     distributed.barrier()  # every rank has checked the run folder before rank 0 creates it
 
-    if not world.is_main:
-        with StopRequest() as stop:
-            return _train(config, splits, model, device, amp_dtype, run_dir, state, stop, world)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "result.json").unlink(missing_ok=True)  # a resumed run is unfinished again
-    for leftover in checkpoint.remove_leftovers(run_dir):
-        log.info(f"removed {leftover.name}, left by an interrupted save")
-    checkpoint.write_atomic(run_dir / "config.yaml", lambda f: f.write(config.to_yaml().encode()))
-    file_log = logging.FileHandler(run_dir / "train.log")
-    log.addHandler(file_log)
+    file_log = None
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "result.json").unlink(missing_ok=True)  # a resumed run is unfinished again
+        for leftover in checkpoint.remove_leftovers(run_dir):
+            log.info(f"removed {leftover.name}, left by an interrupted save")
+        checkpoint.write_atomic(run_dir / "config.yaml",
+                                lambda f: f.write(config.to_yaml().encode()))
+        file_log = logging.FileHandler(run_dir / "train.log")
+        log.addHandler(file_log)
     try:
         with StopRequest() as stop:
             return _train(config, splits, model, device, amp_dtype, run_dir, state, stop, world)
     finally:
-        log.removeHandler(file_log)
-        file_log.close()
+        if file_log is not None:
+            log.removeHandler(file_log)
+            file_log.close()
         if config.deterministic:
             set_deterministic(False)
 
