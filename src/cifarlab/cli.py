@@ -172,9 +172,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
         print(json.dumps(fields, indent=2))
         return 0
     print(profile.table)
-    print(f"parameters:              {profile.params:,} ({profile.trainable_params:,} trainable)")
-    print(f"weights:                 {profile.weights_mb:.1f} MB (float32)")
-    print(f"MACs per image, forward: {profile.macs / 1e9:.3f} G (multiply-accumulates)")
+    print(f"parameters:                  {profile.params:,} "
+          f"({profile.trainable_params:,} trainable)")
+    print(f"weights:                     {profile.weights_mb:.1f} MB (float32)")
+    print(f"MACs per image, forward:     {profile.macs / 1e9:.3f} G (multiply-accumulates)")
     print(f"FLOPs per image, forward:    {profile.flops_forward / 1e9:.2f} G")
     print(f"FLOPs per image, train step: {profile.flops_train_step / 1e9:.2f} G "
           "(forward + backward)")
