@@ -4,6 +4,7 @@
     cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
     cifarlab evaluate  CHECKPOINT --data SPEC [--json]
     cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
+    cifarlab plot      RUN [RUN ...] [-o FILE]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -86,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--width", type=int, default=64)
     summary.add_argument("--classes", type=int, default=10)
     summary.add_argument("--json", action="store_true", help="print JSON")
+
+    plot = commands.add_parser(
+        "plot", help="the 2x2 figure: loss, accuracy, learning rate, validation accuracy",
+        description="Loss and accuracy of the first RUN; learning rate and validation accuracy "
+                    "of every RUN (with one RUN: the time per epoch).")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    plot.add_argument("-o", "--output", default="curves.png", metavar="FILE",
+                      help="PNG, SVG or PDF, by the extension (default curves.png)")
+
     return parser
 
 
@@ -182,7 +192,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary}
+def cmd_plot(args: argparse.Namespace) -> int:
+    from cifarlab.plots import curves_figure, save_figure
+    from cifarlab.runs import read_runs
+
+    print(f"wrote {save_figure(curves_figure(read_runs(args.runs)), args.output)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
+            "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

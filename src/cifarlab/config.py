@@ -238,19 +238,21 @@ def parse_override(text: str) -> dict[str, Any]:
     return nest(key.strip(), value)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
+    """A YAML mapping of settings; errors name the file as `where` (default `--config PATH`)."""
     path = Path(path)
+    where = where or f"--config {path}"
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"--config {path}: no such file") from None
+        raise UserError(f"{where}: no such file") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0]
-        raise UserError(f"--config {path}: not a readable YAML file ({reason})") from None
+        raise UserError(f"{where}: not a readable YAML file ({reason})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"--config {path}: expected a mapping of settings at the top level")
+        raise UserError(f"{where}: expected a mapping of settings at the top level")
     return data
 
 
