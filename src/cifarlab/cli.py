@@ -5,6 +5,8 @@
     cifarlab evaluate  CHECKPOINT --data SPEC [--json]
     cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
+    cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
+    cifarlab report    RUN [--against RUN]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -95,6 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
     plot.add_argument("-o", "--output", default="curves.png", metavar="FILE",
                       help="PNG, SVG or PDF, by the extension (default curves.png)")
+
+    compare = commands.add_parser(
+        "compare", help="table and figure comparing runs",
+        description="Results, each run's delta against the first, and the settings that "
+                    "differ; the figure shows validation accuracy and learning rate.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the first is "
+                         "the reference")
+    compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    compare.add_argument("-o", "--output", default="comparison.png", metavar="FILE",
+                         help="the figure: PNG, SVG or PDF (default comparison.png)")
+
+    report = commands.add_parser(
+        "report", help="write report.md and report.html into a run folder",
+        description="Settings, data statistics, model profile, curves, epoch log, accuracy, "
+                    "per-class accuracy and confusion matrix; train writes it at the end.")
+    report.add_argument("run", metavar="RUN", help="run folder")
+    report.add_argument("--against", metavar="RUN", help="compare with this run (deltas "
+                        "against it)")
 
     return parser
 
@@ -200,8 +220,33 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cifarlab.plots import comparison_figure, save_figure
+    from cifarlab.report import comparison_tables, markdown_table, text_table
+    from cifarlab.runs import read_runs
+
+    if len(args.runs) < 2:
+        raise UserError("compare needs at least two run folders; to look at one, use "
+                        "cifarlab plot or cifarlab report")
+    runs = read_runs(args.runs)
+    render = markdown_table if args.markdown else text_table
+    for table in comparison_tables(runs):
+        print(render(table), end="\n\n")
+    print(f"Deltas against {runs[0].label}: accuracy in percentage points, time in seconds.")
+    print(f"wrote {save_figure(comparison_figure(runs), args.output)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cifarlab.report import write_report
+
+    path = write_report(args.run, against=args.against)
+    print(f"wrote {path.with_suffix('.md')} and {path}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
-            "plot": cmd_plot}
+            "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,15 +125,20 @@ class Config:
         Path(path).write_text(self.to_yaml())
 
 
-def differences(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
-    """`key: old -> new` for every setting that differs, e.g. `epochs: 100 -> 150`."""
+def flat_settings(config: Config) -> dict[str, Any]:
+    """Every setting by its dotted key, e.g. {"optim.lr": 0.1, ...}, in declaration order."""
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
         return out
 
-    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return flat(config.to_dict())
+
+
+def differences(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every setting that differs, e.g. `epochs: 100 -> 150`."""
+    a, b = flat_settings(old), flat_settings(new)
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in ignore]
 
 

@@ -36,6 +36,7 @@ from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest
 from cifarlab.models import create_model
+from cifarlab.report import write_report
 from cifarlab.schedule import lr_factor
 
 log = logging.getLogger("cifarlab")
@@ -262,6 +263,7 @@ def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
 def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     """Train `config` into a new run folder, or continue the run folder `resume`.
 
+    At the end it writes the run's report (report.md, report.html and their figures).
     Raises UserError on bad input before anything is written, TrainingFailed when training
     cannot go on, TrainingInterrupted after a SIGINT/SIGTERM (with last.pt saved).
     """
@@ -294,7 +296,9 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     log.addHandler(file_log)
     try:
         with StopRequest() as stop:
-            return _train(config, splits, model, device, amp_dtype, run_dir, state, stop)
+            result = _train(config, splits, model, device, amp_dtype, run_dir, state, stop)
+            log.info(f"report: {write_report(run_dir)}")
+        return result
     finally:
         log.removeHandler(file_log)
         file_log.close()
