@@ -7,6 +7,7 @@
     cifarlab plot      RUN [RUN ...] [-o FILE]
     cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
     cifarlab report    RUN [--against RUN]
+    cifarlab predict   CHECKPOINT IMAGE [IMAGE ...] [--topk K] [--json]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -116,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--against", metavar="RUN", help="compare with this run (deltas "
                         "against it)")
 
+    predict = commands.add_parser(
+        "predict", help="classes and probabilities for image files",
+        description="Each image is converted to RGB, its shorter side resized to 32 pixels "
+                    "(bicubic, antialiased) and its centre cropped to 32x32.")
+    predict.add_argument("checkpoint")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
+    predict.add_argument("--topk", type=int, default=3,
+                         help="how many of the most probable classes to show (default 3; "
+                              "more than there are shows them all)")
+    predict.add_argument("--device", default="auto", choices=cfg.DEVICES)
+    predict.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -245,8 +257,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cifarlab.predict import predict_files
+    from cifarlab.train import resolve_device
+
+    results = predict_files(args.checkpoint, args.images, topk=args.topk,
+                            device=resolve_device(args.device))
+    if args.json:
+        print(json.dumps([{"image": r.image, "predictions": [
+            {"class": name, "probability": p} for name, p in r.predictions]}
+            for r in results], indent=2))
+        return 0
+    for r in results:
+        print(r.image)
+        for name, p in r.predictions:
+            print(f"  {name:<20} {100 * p:6.2f} %")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
-            "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report}
+            "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
+            "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
