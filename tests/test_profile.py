@@ -11,3 +11,4 @@ def test_resnet18_profile_numbers():
     assert 3.30e9 < p.flops_train_step < 3.36e9
     assert abs(p.weights_mb - 44.73) < 0.01
     assert "Conv2d" in p.table and "11,173,962" in p.table
+    assert "Total mult-adds (M): 555.43" in p.table and "Units." not in p.table

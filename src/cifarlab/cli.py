@@ -4,6 +4,10 @@
     cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
     cifarlab evaluate  CHECKPOINT --data SPEC [--json]
     cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
+    cifarlab plot      RUN [RUN ...] [-o FILE]
+    cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
+    cifarlab report    RUN [--against RUN]
+    cifarlab predict   CHECKPOINT IMAGE [IMAGE ...] [--topk K] [--json]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -91,6 +95,44 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--width", type=int, default=64)
     summary.add_argument("--classes", type=int, default=10)
     summary.add_argument("--json", action="store_true", help="print JSON")
+
+    plot = commands.add_parser(
+        "plot", help="the 2x2 figure: loss, accuracy, learning rate, validation accuracy",
+        description="Loss and accuracy of the first RUN; learning rate and validation accuracy "
+                    "of every RUN (with one RUN: the time per epoch).")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    plot.add_argument("-o", "--output", default="curves.png", metavar="FILE",
+                      help="PNG, SVG or PDF, by the extension (default curves.png)")
+
+    compare = commands.add_parser(
+        "compare", help="table and figure comparing runs",
+        description="Results, each run's delta against the first, and the settings that "
+                    "differ; the figure shows validation accuracy and learning rate.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the first is "
+                         "the reference")
+    compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    compare.add_argument("-o", "--output", default="comparison.png", metavar="FILE",
+                         help="the figure: PNG, SVG or PDF (default comparison.png)")
+
+    report = commands.add_parser(
+        "report", help="write report.md and report.html into a run folder",
+        description="Settings, data statistics, model profile, curves, epoch log, accuracy, "
+                    "per-class accuracy and confusion matrix; train writes it at the end.")
+    report.add_argument("run", metavar="RUN", help="run folder")
+    report.add_argument("--against", metavar="RUN", help="compare with this run (deltas "
+                        "against it)")
+
+    predict = commands.add_parser(
+        "predict", help="classes and probabilities for image files",
+        description="Each image is converted to RGB, its shorter side resized to 32 pixels "
+                    "(bicubic, antialiased) and its centre cropped to 32x32.")
+    predict.add_argument("checkpoint")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
+    predict.add_argument("--topk", type=int, default=3,
+                         help="how many of the most probable classes to show (default 3; "
+                              "more than there are shows them all)")
+    predict.add_argument("--device", default="auto", choices=cfg.DEVICES)
+    predict.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -164,7 +206,7 @@ def launch_torchrun(args: argparse.Namespace, config: cfg.Config, argv: list[str
     os.execv(sys.executable, torchrun)
 
 
-def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab.train import fit  # torch-heavy imports only for the commands that need them
 
     config = resume_config(args) if args.resume else resolve_config(args)
@@ -172,12 +214,12 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         print(config.to_yaml(), end="")
         return 0
     if args.gpus is not None:
-        launch_torchrun(args, config, argv)
+        launch_torchrun(args, config, args.argv)
     fit(config, resume=args.resume)
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from cifarlab.data.sources import load_source
     from cifarlab.evaluate import evaluate
     from cifarlab.train import resolve_device
@@ -203,7 +245,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def cmd_summary(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_summary(args: argparse.Namespace) -> int:
     from cifarlab.profile import profile_model
 
     profile = profile_model(args.model, classes=args.classes, width=args.width)
@@ -213,16 +255,70 @@ def cmd_summary(args: argparse.Namespace, argv: list[str]) -> int:
         print(json.dumps(fields, indent=2))
         return 0
     print(profile.table)
-    print(f"parameters:              {profile.params:,} ({profile.trainable_params:,} trainable)")
-    print(f"weights:                 {profile.weights_mb:.1f} MB (float32)")
-    print(f"MACs per image, forward: {profile.macs / 1e9:.3f} G (multiply-accumulates)")
+    print(f"parameters:                  {profile.params:,} "
+          f"({profile.trainable_params:,} trainable)")
+    print(f"weights:                     {profile.weights_mb:.1f} MB (float32)")
+    print(f"MACs per image, forward:     {profile.macs / 1e9:.3f} G (multiply-accumulates)")
     print(f"FLOPs per image, forward:    {profile.flops_forward / 1e9:.2f} G")
     print(f"FLOPs per image, train step: {profile.flops_train_step / 1e9:.2f} G "
           "(forward + backward)")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary}
+def cmd_plot(args: argparse.Namespace) -> int:
+    from cifarlab.plots import curves_figure, save_figure
+    from cifarlab.runs import read_runs
+
+    print(f"wrote {save_figure(curves_figure(read_runs(args.runs)), args.output)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cifarlab.plots import comparison_figure, save_figure
+    from cifarlab.report import comparison_tables, markdown_table, text_table
+    from cifarlab.runs import read_runs
+
+    if len(args.runs) < 2:
+        raise UserError("compare needs at least two run folders; to look at one, use "
+                        "cifarlab plot or cifarlab report")
+    runs = read_runs(args.runs)
+    render = markdown_table if args.markdown else text_table
+    for table in comparison_tables(runs):
+        print(render(table), end="\n\n")
+    print(f"Deltas against {runs[0].label}: accuracy in percentage points, time in seconds.")
+    print(f"wrote {save_figure(comparison_figure(runs), args.output)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cifarlab.report import write_report
+
+    path = write_report(args.run, against=args.against)
+    print(f"wrote {path.with_suffix('.md')} and {path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cifarlab.predict import predict_files
+    from cifarlab.train import resolve_device
+
+    results = predict_files(args.checkpoint, args.images, topk=args.topk,
+                            device=resolve_device(args.device))
+    if args.json:
+        print(json.dumps([{"image": r.image, "predictions": [
+            {"class": name, "probability": p} for name, p in r.predictions]}
+            for r in results], indent=2))
+        return 0
+    for r in results:
+        print(r.image)
+        for name, p in r.predictions:
+            print(f"  {name:<20} {100 * p:6.2f} %")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
+            "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
+            "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
     try:
-        return COMMANDS[args.command](args, argv)
+        args.argv = argv  # the command line as given, for re-running it under torchrun
+        return COMMANDS[args.command](args)
     except UserError as e:
         print(f"cifarlab: error: {e}", file=sys.stderr)
         return 2

@@ -132,15 +132,20 @@ class Config:
         Path(path).write_text(self.to_yaml())
 
 
-def differences(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
-    """`key: old -> new` for every setting that differs, e.g. `epochs: 100 -> 150`."""
+def flat_settings(config: Config) -> dict[str, Any]:
+    """Every setting by its dotted key, e.g. {"optim.lr": 0.1, ...}, in declaration order."""
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
         return out
 
-    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return flat(config.to_dict())
+
+
+def differences(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every setting that differs, e.g. `epochs: 100 -> 150`."""
+    a, b = flat_settings(old), flat_settings(new)
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in ignore]
 
 
@@ -245,19 +250,21 @@ def parse_override(text: str) -> dict[str, Any]:
     return nest(key.strip(), value)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
+    """A YAML mapping of settings; errors name the file as `where` (default `--config PATH`)."""
     path = Path(path)
+    where = where or f"--config {path}"
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"--config {path}: no such file") from None
+        raise UserError(f"{where}: no such file") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0]
-        raise UserError(f"--config {path}: not a readable YAML file ({reason})") from None
+        raise UserError(f"{where}: not a readable YAML file ({reason})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"--config {path}: expected a mapping of settings at the top level")
+        raise UserError(f"{where}: expected a mapping of settings at the top level")
     return data
 
 

@@ -3,6 +3,9 @@
 MACs come from torchinfo; FLOPs from `torch.utils.flop_counter`, which counts 2 FLOPs per
 multiply-accumulate of convolutions and matrix products (so FLOPs = 2 x MACs up to the
 few operations each tool leaves out, such as BatchNorm and pooling).
+
+The model is built on the meta device: shapes only, no weights and no arithmetic, so a
+profile costs the same small time for any width (a run's report computes one at its end).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torchinfo
 from torch.utils.flop_counter import FlopCounterMode
+from torchinfo.enums import Units
 
 from cifarlab.models import create_model
 
@@ -38,13 +42,24 @@ def _flops(model: torch.nn.Module, x: torch.Tensor, backward: bool) -> int:
     return counter.get_total_flops()
 
 
+def _table(stats: torchinfo.ModelStatistics) -> str:
+    """torchinfo's table, its units readable: on Python >= 3.11 torchinfo formats its unit
+    enum as e.g. "Units.MEGABYTES" for millions of mult-adds; the value ("M") was meant."""
+    table = str(stats)
+    for unit in Units:
+        if unit.value:
+            table = table.replace(f"({unit})", f"({unit.value})")
+    return table
+
+
 def profile_model(name: str = "resnet18", classes: int = 10, width: int = 64) -> ModelProfile:
-    model = create_model(name, num_classes=classes, width=width)
+    with torch.device("meta"):
+        model = create_model(name, num_classes=classes, width=width)
+        # Batch of 2: BatchNorm needs more than one value per channel in training mode.
+        x = torch.randn(2, 3, 32, 32)
     stats = torchinfo.summary(
-        model, input_size=(1, 3, 32, 32), verbose=0, device="cpu", mode="eval"
+        model, input_size=(1, 3, 32, 32), verbose=0, device="meta", mode="eval"
     )
-    # Batch of 2: BatchNorm needs more than one value per channel in training mode.
-    x = torch.randn(2, 3, 32, 32)
     model.eval()
     flops_forward = _flops(model, x, backward=False) // 2
     model.train()
@@ -61,5 +76,5 @@ def profile_model(name: str = "resnet18", classes: int = 10, width: int = 64) ->
         flops_forward=flops_forward,
         flops_train_step=flops_train,
         weights_mb=(params + buffers) / 1e6,
-        table=str(stats),
+        table=_table(stats),
     )

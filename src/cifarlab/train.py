@@ -40,6 +40,7 @@ from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest
 from cifarlab.models import create_model
+from cifarlab.report import write_report
 from cifarlab.schedule import lr_factor
 
 log = logging.getLogger("cifarlab")
@@ -297,7 +298,8 @@ def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
 def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     """Train `config` into a new run folder, or continue the run folder `resume`.
 
-    Under torchrun each process calls this; rank 0 alone writes files and logs.
+    Under torchrun each process calls this; rank 0 alone writes files and logs. At the end
+    rank 0 writes the run's report (report.md, report.html and their figures).
     Raises UserError on bad input before anything is written, TrainingFailed when training
     cannot go on, TrainingInterrupted after a SIGINT/SIGTERM (with last.pt saved).
     """
@@ -348,7 +350,8 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     file_log = None
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "result.json").unlink(missing_ok=True)  # a resumed run is unfinished again
+        for finished in ("result.json", "report.md", "report.html"):
+            (run_dir / finished).unlink(missing_ok=True)  # a resumed run is unfinished again
         for leftover in checkpoint.remove_leftovers(run_dir):
             log.info(f"removed {leftover.name}, left by an interrupted save")
         checkpoint.write_atomic(run_dir / "config.yaml",
@@ -357,7 +360,11 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
         log.addHandler(file_log)
     try:
         with StopRequest() as stop:
-            return _train(config, splits, model, device, amp_dtype, run_dir, state, stop, world)
+            result = _train(config, splits, model, device, amp_dtype, run_dir, state, stop,
+                            world)
+            if world.is_main:
+                log.info(f"report: {write_report(run_dir)}")
+        return result
     finally:
         if file_log is not None:
             log.removeHandler(file_log)

@@ -35,10 +35,14 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cifarlab.errors import UserError
+
+if TYPE_CHECKING:  # PIL itself is imported where images are decoded
+    from PIL.Image import Image as PILImage
 
 SIZE = 32
 CACHE_VERSION = 1
@@ -485,32 +489,40 @@ def _formats() -> tuple[str, ...]:
     return tuple(f for f in _PIL_FORMATS if f in Image.OPEN)
 
 
+def decode_image(name: str, data: bytes) -> PILImage:
+    """Decode one image file's bytes to RGB (alpha dropped, 16-bit grey scaled to 8 bits);
+    UserError naming `name` if it is not a readable PNG, JPEG or other supported image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        # No `with`: the bytes are in memory, and closing the file would free the pixels.
+        im = Image.open(io.BytesIO(data), formats=_formats())
+        im.load()
+        return _to_rgb(im)
+    except Exception as e:  # PIL fails on damaged files with many exception types
+        if not data:
+            reason = "empty file"
+        elif isinstance(e, UnidentifiedImageError):
+            reason = "not a PNG, JPEG or other image file"
+        else:
+            reason = _reason(e)
+        raise UserError(f"{name}: cannot decode image ({reason}); replace or delete "
+                        "the file") from None
+
+
 def _decode_chunk(items: list[tuple[str, bytes]], resize: bool) -> np.ndarray:
     """Decode images (display name, file bytes) to uint8 (n, 32, 32, 3); UserError if one fails."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     out = np.empty((len(items), SIZE, SIZE, 3), np.uint8)
     for i, (name, data) in enumerate(items):
-        try:
-            with Image.open(io.BytesIO(data), formats=_formats()) as im:
-                if im.size != (SIZE, SIZE) and not resize:
-                    raise UserError(f"{name}: image is {im.size[0]}x{im.size[1]}, not 32x32; "
-                                    "resize it, or pass --set data.resize=true")
-                rgb = _to_rgb(im)
-                if rgb.size != (SIZE, SIZE):
-                    rgb = rgb.resize((SIZE, SIZE), Image.BICUBIC)
-                out[i] = np.asarray(rgb)
-        except UserError:
-            raise
-        except Exception as e:  # PIL fails on damaged files with many exception types
-            if not data:
-                reason = "empty file"
-            elif isinstance(e, UnidentifiedImageError):
-                reason = "not a PNG, JPEG or other image file"
-            else:
-                reason = _reason(e)
-            raise UserError(f"{name}: cannot decode image ({reason}); replace or delete "
-                            "the file") from None
+        rgb = decode_image(name, data)
+        if rgb.size != (SIZE, SIZE):
+            if not resize:
+                raise UserError(f"{name}: image is {rgb.size[0]}x{rgb.size[1]}, not 32x32; "
+                                "resize it, or pass --set data.resize=true")
+            rgb = rgb.resize((SIZE, SIZE), Image.BICUBIC)
+        out[i] = np.asarray(rgb)
     return out
 
 

@@ -1,0 +1,86 @@
+"""Class probabilities for image files, from a checkpoint.
+
+The checkpoint carries what prediction needs: the model's arguments and weights, the class
+names and the normalisation measured on its training data. An image of any size becomes
+the model's 32x32 input the way torchvision's evaluation transforms do it: converted to RGB
+(alpha dropped), its shorter side resized to 32 pixels (bicubic, antialiased when
+shrinking), then the centre 32x32 cropped. A 32x32 image is used as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifarlab import checkpoint
+from cifarlab.data.cpu_augment import normalize
+from cifarlab.data.sources import SIZE, decode_image
+from cifarlab.errors import UserError
+
+BATCH = 256  # images per forward pass
+
+
+@dataclass
+class ImagePrediction:
+    image: str  # the path as given
+    predictions: list[tuple[str, float]]  # (class, probability), most probable first
+
+
+def to_model_input(name: str, data: bytes) -> np.ndarray:
+    """An image file's bytes -> uint8 (32, 32, 3) RGB, as the module docstring describes."""
+    from PIL import Image
+
+    rgb = decode_image(name, data)
+    width, height = rgb.size
+    if (width, height) != (SIZE, SIZE):
+        scale = SIZE / min(width, height)
+        size = (max(SIZE, round(width * scale)), max(SIZE, round(height * scale)))
+        rgb = rgb.resize(size, Image.BICUBIC)  # PIL widens the filter when shrinking
+        left, top = (size[0] - SIZE) // 2, (size[1] - SIZE) // 2
+        rgb = rgb.crop((left, top, left + SIZE, top + SIZE))
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def predict_files(
+    checkpoint_path: str | Path,
+    images: Sequence[str | Path],
+    *,
+    topk: int = 3,
+    device: torch.device | None = None,
+) -> list[ImagePrediction]:
+    """Softmax probabilities of each image's `topk` most probable classes (`topk` larger than
+    the number of classes gives them all). UserError for a bad checkpoint or image file."""
+    if topk < 1:
+        raise UserError(f"--topk {topk}: give a number of classes >= 1")
+    ckpt = checkpoint.load(checkpoint_path)
+    device = device or torch.device("cpu")
+    model = checkpoint.build_model(ckpt, checkpoint_path).to(device)
+    classes = list(ckpt["classes"])
+    pixels = np.stack([to_model_input(str(path), _read(Path(path))) for path in images])
+    k = min(topk, len(classes))
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), BATCH):
+            batch = torch.from_numpy(pixels[start : start + BATCH]).to(device)
+            probs = model(normalize(batch, ckpt["mean"], ckpt["std"])).float().softmax(1)
+            top_p, top_i = probs.topk(k, dim=1)
+            for j, (p_row, i_row) in enumerate(zip(top_p.tolist(), top_i.tolist(),
+                                                   strict=True)):
+                results.append(ImagePrediction(
+                    str(images[start + j]),
+                    [(classes[i], p) for i, p in zip(i_row, p_row, strict=True)],
+                ))
+    return results
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file; check the path") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the file") from None

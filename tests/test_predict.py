@@ -1,0 +1,106 @@
+"""Prediction from image files: any size, PNG and JPEG, the same answer as evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarlab import checkpoint
+from cifarlab.cli import main
+from cifarlab.data.sources import ImageSet, load_source
+from cifarlab.errors import UserError
+from cifarlab.evaluate import evaluate
+from cifarlab.predict import predict_files, to_model_input
+
+
+@pytest.fixture(scope="module")
+def best(trained_run):
+    return trained_run / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def training_images():
+    return load_source("synthetic:300").train.images[:12]
+
+
+def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_top_class_is_what_evaluate_scores_as_correct(best, training_images, tmp_path):
+    paths = []
+    for i, pixels in enumerate(training_images):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png_bytes(pixels))
+    ckpt = checkpoint.load(best)
+    results = predict_files(best, paths, topk=len(ckpt["classes"]))
+    for result in results:
+        probs = [p for _, p in result.predictions]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert probs == sorted(probs, reverse=True)
+        assert sorted(c for c, _ in result.predictions) == sorted(ckpt["classes"])
+    # Labelled with the predicted classes, the images are 100 % correct for evaluate.
+    predicted = np.array([ckpt["classes"].index(r.predictions[0][0]) for r in results])
+    scored = evaluate(checkpoint.build_model(ckpt), ImageSet(training_images, predicted,
+                                                             ckpt["classes"]),
+                      ckpt["mean"], ckpt["std"], torch.device("cpu"))
+    assert scored.acc == 100.0
+
+
+def test_images_of_any_size_become_the_centre_32x32():
+    # A 96x32 image of three colour bands: the centre crop is the middle (green) band.
+    bands = np.zeros((32, 96, 3), np.uint8)
+    bands[:, :32, 0] = bands[:, 32:64, 1] = bands[:, 64:, 2] = 255
+    out = to_model_input("bands.png", png_bytes(bands))
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert (out[:, 4:-4, 1] == 255).all() and (out[:, 4:-4, [0, 2]] == 0).all()
+    # Larger images are shrunk (shorter side to 32), smaller ones enlarged; grey becomes RGB.
+    big = to_model_input("big.jpg", png_bytes(np.full((300, 200, 3), 200, np.uint8), "JPEG"))
+    assert big.shape == (32, 32, 3) and abs(int(big.mean()) - 200) <= 2
+    grey = Image.new("L", (10, 7), 90)
+    small = to_model_input("small.png", png_bytes(np.asarray(grey)))
+    assert small.shape == (32, 32, 3) and (small == 90).all()
+
+
+def test_predict_command_json_on_png_and_jpeg(best, training_images, tmp_path, capsys):
+    png, jpeg = tmp_path / "a.png", tmp_path / "b.jpeg"
+    png.write_bytes(png_bytes(training_images[0]))
+    big = np.asarray(Image.fromarray(training_images[1]).resize((200, 130)))
+    jpeg.write_bytes(png_bytes(big, "JPEG"))
+    assert main(["predict", str(best), str(png), str(jpeg), "--topk", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in out] == [str(png), str(jpeg)]
+    for r in out:
+        assert len(r["predictions"]) == 2 and set(r["predictions"][0]) == {"class", "probability"}
+        assert 0 <= r["predictions"][1]["probability"] <= r["predictions"][0]["probability"] <= 1
+    assert main(["predict", str(best), str(png), "--topk", "50"]) == 0  # clamped to 10 classes
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(png) and len(lines) == 11 and lines[1].endswith("%")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.png", "no such image file"),
+    (lambda d: (d / "x.png").write_bytes(b"no image") and d / "x.png", "cannot decode image"),
+    (lambda d: (d / "e.jpg").write_bytes(b"") or d / "e.jpg", "cannot decode image (empty file)"),
+])
+def test_bad_image_files_are_one_line_exit_2(best, tmp_path, capsys, make, message):
+    assert main(["predict", str(best), str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_topk_and_checkpoint(best, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(np.zeros((32, 32, 3), np.uint8)))
+    with pytest.raises(UserError, match="--topk 0"):
+        predict_files(best, [image], topk=0)
+    with pytest.raises(UserError, match="not a readable cifarlab checkpoint"):
+        predict_files(image, [image])
