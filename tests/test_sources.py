@@ -437,6 +437,7 @@ def test_cifar10_offline_error(tmp_path: Path, monkeypatch) -> None:
     message = str(e.value)
     assert "--data /path/to/cifar-10-python.tar.gz" in message and str(root) in message
     assert "\n" not in message
+    assert not root.exists()  # the failed download left no empty folder behind
 
 
 def test_cifar10_existing_folder_needs_no_network(tmp_path: Path, monkeypatch) -> None:

@@ -449,7 +449,7 @@ def _train(
         f"{len(splits.test.labels) if splits.test else 0:,} test images, "
         f"{len(splits.classes)} classes"
     )
-    session_start = time.perf_counter()
+    process_start = time.perf_counter()
 
     def save_last(epoch: int, step: int, partial: dict[str, float], payload: dict) -> None:
         payload["train_state"] = {
@@ -460,7 +460,7 @@ def _train(
             "history": history,
             "position": [epoch, step],
             "partial_epoch": partial,
-            "train_seconds": earlier_seconds + time.perf_counter() - session_start,
+            "train_seconds": earlier_seconds + time.perf_counter() - process_start,
             "rng": rng_states(),
         }
         save(payload, run_dir / "last.pt")
@@ -561,7 +561,7 @@ def _train(
         if early_stopping.should_stop:
             log.info(f"early stop: no better validation accuracy in {config.patience} epochs")
             break
-    train_seconds = earlier_seconds + time.perf_counter() - session_start
+    train_seconds = earlier_seconds + time.perf_counter() - process_start
     if not distributed.same_on_all_ranks(list(model.state_dict().values())):
         raise TrainingFailed("the ranks ended with different weights; this is a bug in the "
                              "distributed setup, please report it with the command line")

@@ -124,6 +124,7 @@ def _cifar10_folder(root: Path) -> Path:
 
     # CIFAR10(root, download=True) would also unpickle every batch with plain pickle.load;
     # use its download step (same URL and checksums) and read with the restricted reader.
+    created_root = not root.exists()
     try:
         download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
                                      md5=CIFAR10.tgz_md5)
@@ -132,6 +133,8 @@ def _cifar10_folder(root: Path) -> Path:
         if bad:
             raise RuntimeError(f"{', '.join(bad)} missing or corrupted after extraction")
     except (OSError, RuntimeError, ValueError, EOFError, tarfile.TarError, zlib.error) as e:
+        if created_root and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # leave nothing behind a failed first download
         raise UserError(
             f"--data cifar10: downloading CIFAR-10 into {root} failed ({_reason(e)}); without "
             f"internet, pass --data /path/to/cifar-10-python.tar.gz or a cifar-10-batches-py "
