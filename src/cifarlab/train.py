@@ -497,7 +497,8 @@ def _train(
         stepped = False
         for x, y in tqdm(loader, desc=f"epoch {epoch}", initial=step, total=steps_per_epoch,
                          leave=False, disable=not show_progress):
-            # The last step's flags are read now: it has finished, so this costs no wait.
+            # The last step's flags are read one step late: the host waits for that step
+            # only, never for the one it is about to queue.
             if stepped and check_flags(flags, epoch, step, config):
                 totals = sums(loss_sum, correct, seen)
                 if world.is_main:
