@@ -14,6 +14,7 @@ else
   export PYTHONPATH=$PWD/src
 fi
 export PYTHONUNBUFFERED=1
+python3 -c "import torchinfo" || { echo "torchinfo missing: carry its wheel in .whl/"; exit 2; }
 archive=data/cifar10-jpeg-train.tar.gz
 steps=${*:-throughput augment tests seed-resident seed-torchvision}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
