@@ -163,7 +163,7 @@ def resume_config(args: argparse.Namespace) -> cfg.Config:
     saved_path = Path(args.resume) / "config.yaml"
     if not saved_path.is_file():
         raise UserError(f"--resume {args.resume}: no config.yaml there; give a run folder")
-    saved = cfg.from_dict(cfg.load_yaml(saved_path))
+    saved = cfg.from_dict(cfg.load_yaml(saved_path, where=str(saved_path)))
     config = resolve_config(args, base=saved)
     changes = cfg.differences(saved, config, ignore=RESUME_FREE)
     if changes and not args.allow_changes:
