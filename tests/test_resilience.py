@@ -295,3 +295,18 @@ def test_a_checkpoint_that_runs_code_when_unpickled_does_not_run_it(tmp_path, ca
     with pytest.raises(UserError):
         checkpoint.load(raw)
     assert not RunsCode.marker.exists()
+
+
+def test_ctrl_c_reaching_the_loader_workers_too_is_a_graceful_stop(reference, tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group, DataLoader workers included."""
+    run_dir = tmp_path / "group"
+    proc = cifarlab(*TRAIN, "--workers", "1", "--out", str(tmp_path), "--name", "group",
+                    start_new_session=True)
+    wait_for_epochs(run_dir, 1, proc)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    returncode, _, err = finish(proc)
+    assert returncode == 130 and "--resume" in err and "Traceback" not in err
+    returncode, _, err = finish(cifarlab("train", "--resume", str(run_dir)))
+    assert returncode == 0, err
+    assert_same_run(reference, run_dir)  # the number of workers changes nothing
