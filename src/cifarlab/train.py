@@ -47,6 +47,8 @@ log = logging.getLogger("cifarlab")
 
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 MIN_LOSS_SCALE = 1.0  # fp16: a GradScaler scale under this means steps keep being skipped
+# An epoch's running sums before its first step (last.pt keeps them for an epoch cut short).
+NO_PARTIAL_EPOCH = {"loss_sum": 0.0, "correct": 0, "seen": 0}
 
 
 @dataclass
@@ -110,14 +112,19 @@ def run_dir_for(config: Config) -> Path:
     return Path(config.out) / name
 
 
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself, or its nearest parent that exists (where it would be created)."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Refuse a used run folder or an unwritable place before any work is done."""
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists; choose another --name or --out, "
                         f"or continue it with --resume {run_dir}")
-    parent = run_dir
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_ancestor(run_dir)
     try:  # a real write: permissions alone miss read-only mounts and special file systems
         with tempfile.TemporaryFile(dir=parent):
             pass
@@ -131,9 +138,7 @@ def check_disk_space(run_dir: Path, model: nn.Module) -> None:
     while saving) clearly cannot fit."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     needed = 4 * weights + (16 << 20)
-    parent = run_dir
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_ancestor(run_dir)
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise UserError(f"only {free / 1e6:.0f} MB free under {parent}, checkpoints need about "
@@ -419,7 +424,7 @@ def _train(
     early_stopping = EarlyStopping(config.patience)
     history: list[dict[str, float]] = []
     start_epoch, start_step = 1, 0  # the next step to run
-    partial = {"loss_sum": 0.0, "correct": 0, "seen": 0}  # of an epoch stopped midway
+    partial = NO_PARTIAL_EPOCH  # of an epoch stopped midway
     earlier_seconds = 0.0  # training time before this process took over
     if state is not None:
         model.load_state_dict(state["model"])
@@ -490,10 +495,10 @@ def _train(
         train_model.train()
         # Running sums stay on the device so that no step waits for the host; a resumed
         # epoch starts from the totals saved by rank 0 (the other ranks add zero).
-        resumed = partial if epoch == start_epoch and world.is_main else {}
-        loss_sum = torch.tensor(resumed.get("loss_sum", 0.0), dtype=torch.float64, device=device)
-        correct = torch.tensor(resumed.get("correct", 0), dtype=torch.int64, device=device)
-        seen = resumed.get("seen", 0)
+        resumed = partial if epoch == start_epoch and world.is_main else NO_PARTIAL_EPOCH
+        loss_sum = torch.tensor(resumed["loss_sum"], dtype=torch.float64, device=device)
+        correct = torch.tensor(resumed["correct"], dtype=torch.int64, device=device)
+        seen = resumed["seen"]
         stepped = False
         for x, y in tqdm(loader, desc=f"epoch {epoch}", initial=step, total=steps_per_epoch,
                          leave=False, disable=not show_progress):
@@ -546,7 +551,7 @@ def _train(
             payload = weights_payload(model, config, splits, epoch, val.acc)
             if improved:
                 save(payload, run_dir / "best.pt")
-            save_last(epoch + 1, 0, {"loss_sum": 0.0, "correct": 0, "seen": 0}, payload)
+            save_last(epoch + 1, 0, NO_PARTIAL_EPOCH, payload)
             write_metrics(run_dir, history)
         row = history[-1]
         log.info(
