@@ -44,6 +44,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "seed": ("seed", int, "seed for weights, shuffling and augmentation"),
     "device": ("device", str, "auto, cpu or cuda"),
     "amp": ("amp", str, "mixed precision: auto, fp16, bf16 or off"),
+    "compile": ("compile", str, "torch.compile the model: off, default, reduce-overhead "
+                "(CUDA graphs) or max-autotune"),
     "out": ("out", str, "folder of run folders (default runs)"),
     "name": ("name", str, "run folder name (default <preset>-<timestamp>)"),
 }

@@ -22,6 +22,8 @@ AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "constant")
 LOADERS = ("auto", "torchvision", "resident")
+# torch.compile modes for the training step; "off": eager.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -93,6 +95,9 @@ class Config:
     patience: int = 30  # early stopping on validation accuracy; 0 disables it
     amp: str = "auto"  # "auto": fp16 with a GradScaler on CUDA, off on the CPU
     device: str = "auto"  # "auto": CUDA when present
+    # torch.compile the model for training: "reduce-overhead" also replays it as CUDA
+    # graphs; "max-autotune" searches kernels longer. Compiling takes a while at the start.
+    compile: str = "off"
     seed: int = 0  # weights, shuffling and augmentation (the split has its own seed)
     deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs always are
     sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch
@@ -107,6 +112,8 @@ class Config:
             (self.patience >= 0, "patience must be >= 0 (0 disables early stopping)"),
             (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
+            (self.compile in COMPILE_MODES,
+             f"compile must be one of {', '.join(COMPILE_MODES)}"),
             (self.optim.schedule in SCHEDULES,
              f"optim.schedule must be one of {', '.join(SCHEDULES)}"),
             (self.optim.lr > 0, "optim.lr must be > 0"),

@@ -42,10 +42,15 @@ from cifarlab.interrupt import StopRequest
 from cifarlab.models import create_model
 from cifarlab.report import write_report
 from cifarlab.schedule import lr_factor
+from cifarlab.step import Flags, StepFlags, TrainStep, compiled
 
 log = logging.getLogger("cifarlab")
 
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+# Steps between a step and the host reading its flags (step.StepFlags); the device runs
+# that far ahead of the checks. A NaN loss therefore stops training FLAG_LAG steps late at
+# most, before any checkpoint is written from the poisoned weights.
+FLAG_LAG = 2
 MIN_LOSS_SCALE = 1.0  # fp16: a GradScaler scale under this means steps keep being skipped
 # An epoch's running sums before its first step (last.pt keeps them for an epoch cut short).
 NO_PARTIAL_EPOCH = {"loss_sum": 0.0, "correct": 0, "seen": 0}
@@ -276,17 +281,16 @@ def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
     checkpoint.write_atomic(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
 
 
-def check_flags(flags: torch.Tensor, epoch: int, step: int, config: Config) -> bool:
-    """Read the last step's [loss not finite, stop requested] flags (maxed over the ranks):
-    raise when the loss was NaN or infinite; return whether a stop was requested."""
-    loss_not_finite, stop_requested = flags.tolist()
-    if loss_not_finite:
-        raise TrainingFailed(
-            f"the training loss became NaN or infinite at epoch {epoch}, step {step}; the "
-            f"checkpoints from before are kept; lower the learning rate (--lr, now "
-            f"{config.optim.lr:g}) or train in float32 (--amp off)"
-        )
-    return bool(stop_requested)
+def check_flags(flags: list[Flags], epoch: int, config: Config) -> bool:
+    """Raise when a step's loss was NaN or infinite; return whether a stop was requested."""
+    for f in flags:
+        if f.loss_not_finite:
+            raise TrainingFailed(
+                f"the training loss became NaN or infinite at epoch {epoch}, step {f.step}; "
+                f"the checkpoints from before are kept; lower the learning rate (--lr, now "
+                f"{config.optim.lr:g}) or train in float32 (--amp off)"
+            )
+    return any(f.stop_requested for f in flags)
 
 
 def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
@@ -484,9 +488,8 @@ def _train(
         return {"loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2])}
 
     show_progress = sys.stderr.isatty() and world.is_main
-    # [loss not finite, stop requested] of the last step, maxed over the ranks, so that all
-    # ranks take the same decision at the same step.
-    flags = torch.zeros(2, device=device)
+    train_step = TrainStep(compiled(train_model, config.compile), criterion, optimizer, scaler,
+                           scheduler, amp_dtype)
     epoch = start_epoch
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_start = time.perf_counter()
@@ -499,12 +502,12 @@ def _train(
         loss_sum = torch.tensor(resumed["loss_sum"], dtype=torch.float64, device=device)
         correct = torch.tensor(resumed["correct"], dtype=torch.int64, device=device)
         seen = resumed["seen"]
-        stepped = False
+        flags = StepFlags(device, lag=FLAG_LAG)
         for x, y in tqdm(loader, desc=f"epoch {epoch}", initial=step, total=steps_per_epoch,
                          leave=False, disable=not show_progress):
-            # The last step's flags are read one step late: the host waits for that step
-            # only, never for the one it is about to queue.
-            if stepped and check_flags(flags, epoch, step, config):
+            if check_flags(flags.ready(), epoch, config):
+                # Stop here, after the steps already queued, once none of them went NaN.
+                check_flags(flags.drain(), epoch, config)
                 totals = sums(loss_sum, correct, seen)
                 if world.is_main:
                     weights = weights_payload(model, config, splits, epoch - 1, None)
@@ -513,24 +516,13 @@ def _train(
                 raise interrupted(epoch, step)
             x = x.to(device, non_blocking=True, memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = train_model(x)
-                loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(y)
+            loss, logits = train_step(x, y)
+            loss_sum += loss.double() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step += 1
-            flags[0] = ~torch.isfinite(loss.detach())
-            flags[1].fill_(float(stop.signum is not None))
-            distributed.all_reduce(flags, "max")
-            stepped = True
-        if stepped:
-            check_flags(flags, epoch, step, config)
+            flags.record(step, loss, stop.signum is not None)
+        check_flags(flags.drain(), epoch, config)
         check_loss_scale(scaler, epoch)
 
         totals = sums(loss_sum, correct, seen)

@@ -1,0 +1,113 @@
+"""One optimisation step, and the per-step flags the loop reads without waiting on the device.
+
+Nothing here makes the host wait for the device: the step's loss and logits stay there
+(train.py adds them to running sums on the device), and a step's flags (loss not finite,
+stop requested) reach the host through `StepFlags`, read a fixed number of steps later.
+tests/test_step.py checks that a step issues none of the operations that synchronise with a
+GPU.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cifarlab import distributed
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """`model` compiled with torch.compile in `mode` (config.COMPILE_MODES), or itself for
+    "off".
+
+    "reduce-overhead" replays the compiled step as CUDA graphs, which removes the launch
+    overhead that bounds a GPU on 32x32 images. Shapes are static: the last, smaller batch
+    of an epoch compiles once more instead of making every graph shape-generic.
+    The compiled module shares its parameters with `model`, which stays the one that is
+    evaluated and saved (its state_dict keys carry no compile prefix).
+    """
+    if mode == "off":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
+@dataclass
+class TrainStep:
+    """Forward, loss, backward and optimizer step on one batch; returns the detached loss and
+    logits, still on the device."""
+
+    model: nn.Module  # the module that steps (DDP-wrapped and/or compiled)
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # disabled unless fp16
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per batch
+    amp_dtype: torch.dtype | None  # autocast dtype; None: float32
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amp = self.amp_dtype is not None
+        with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=amp):
+            logits = self.model(x)
+            loss = self.criterion(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        # With a fused optimizer (CUDA) the scaler skips an overflowing step on the device.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach(), logits.detach()
+
+
+@dataclass
+class Flags:
+    step: int  # the step (1-based within its epoch) whose flags these are
+    loss_not_finite: bool
+    stop_requested: bool
+
+
+class StepFlags:
+    """Each step's [loss not finite, stop requested], maxed over the DDP ranks, read `lag`
+    steps after they were recorded.
+
+    Reading a device tensor directly (`.tolist()`) would wait for everything queued so far,
+    the step just launched included, so the GPU would drain once per step. Instead each
+    step's flags are copied (non-blocking) into a pinned host buffer and an event marks when
+    the copy has landed; `ready()` waits only for the event of the step `lag` steps back,
+    which the device has normally finished long before. The lag is a fixed count, so every
+    DDP rank takes the same decision at the same step.
+    """
+
+    def __init__(self, device: torch.device, lag: int = 2) -> None:
+        self.lag, self.cuda = lag, device.type == "cuda"
+        self.pending: deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = deque()
+        # Host buffers and events already read, reused (pinned memory is slow to allocate).
+        self.free: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+
+    def record(self, step: int, loss: torch.Tensor, stop_requested: bool) -> None:
+        # torch.full, not torch.tensor: a copy from the host would wait for the device.
+        stop = torch.full((), float(stop_requested), device=loss.device)
+        flags = torch.stack([(~torch.isfinite(loss)).float(), stop])
+        distributed.all_reduce(flags, "max")
+        host, event = self.free.pop() if self.free else (
+            torch.zeros(2, pin_memory=self.cuda), torch.cuda.Event() if self.cuda else None)
+        host.copy_(flags, non_blocking=True)
+        if event is not None:
+            event.record()
+        self.pending.append((step, host, event))
+
+    def _pop(self) -> Flags:
+        step, host, event = self.pending.popleft()
+        if event is not None:
+            event.synchronize()
+        loss_not_finite, stop_requested = host.tolist()
+        self.free.append((host, event))
+        return Flags(step, bool(loss_not_finite), bool(stop_requested))
+
+    def ready(self) -> list[Flags]:
+        """The flags of the steps recorded more than `lag` steps ago, oldest first."""
+        return [self._pop() for _ in range(len(self.pending) - self.lag)]
+
+    def drain(self) -> list[Flags]:
+        """All flags recorded and not yet read (waits for the device), oldest first."""
+        return [self._pop() for _ in range(len(self.pending))]
