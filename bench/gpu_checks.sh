@@ -2,8 +2,9 @@
 # Every GPU measurement of BENCHMARKS.md in one call on a lent GPU machine (which has torch,
 # torchvision, numpy, pyyaml, tqdm and matplotlib, but not torchinfo: carry its wheel in
 # .whl/). Needs the JPEG training archive at data/cifar10-jpeg-train.tar.gz (carried).
-# Usage: bench/gpu_checks.sh [throughput] [augment] [tests] [seed-resident] [seed-torchvision]
-#        (default: all, in that order). Results go to $OUT (or ./bench-out).
+# Usage: bench/gpu_checks.sh [STEP ...]; steps: throughput augment tests seed-resident
+#        fast fast-compiled seed-torchvision (default: all but seed-torchvision, whose
+#        359 s SEED_RECIPE.md gives). Results go to $OUT (or ./bench-out).
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -16,19 +17,24 @@ fi
 export PYTHONUNBUFFERED=1
 python3 -c "import torchinfo" || { echo "torchinfo missing: carry its wheel in .whl/"; exit 2; }
 archive=data/cifar10-jpeg-train.tar.gz
-steps=${*:-throughput augment tests seed-resident seed-torchvision}
+steps=${*:-throughput augment tests seed-resident fast fast-compiled}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 for step in $steps; do
   echo "== $step"
   case $step in
     throughput) python3 bench/train_throughput.py --data "$archive" --steps 200 \
-                  | tee "$out/throughput.md" ;;
+                  --compile off reduce-overhead --blocking-flags | tee "$out/throughput.md" ;;
     augment) python3 bench/augment_throughput.py --device cuda --compile \
                | tee "$out/augment.md" ;;
-    tests) python3 -m pytest -q tests/test_gpu_augment.py tests/test_resident.py 2>&1 \
+    tests) python3 -m pytest -q tests/test_gpu_augment.py tests/test_resident.py \
+             tests/test_step.py 2>&1 \
              | tail -5 | tee "$out/tests.txt" ;;
     seed-resident|seed-torchvision)
       python3 -m cifarlab train --preset seed --data "$archive" --loader "${step#seed-}" \
+        --out "$out/runs" --name "$step" 2>&1 | tee "$out/$step.log" | grep -v "^epoch" ;;
+    fast|fast-compiled)
+      mode=off; [ "$step" = fast-compiled ] && mode=reduce-overhead
+      python3 -m cifarlab train --preset fast --data "$archive" --compile "$mode" \
         --out "$out/runs" --name "$step" 2>&1 | tee "$out/$step.log" | grep -v "^epoch" ;;
   esac
 done

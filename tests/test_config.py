@@ -2,8 +2,9 @@ import pytest
 import yaml
 
 from cifarlab import config as cfg
+from cifarlab.config import flat_settings
 from cifarlab.errors import UserError
-from cifarlab.presets import baseline, get_preset, seed
+from cifarlab.presets import baseline, fast, get_preset, seed
 
 
 def test_seed_preset_is_the_seed_recipe():
@@ -29,6 +30,16 @@ def test_baseline_differs_only_in_augmentation_loss_and_schedule():
         assert b[key] == s[key]
     assert {k: v for k, v in b["data"].items() if k != "augment"} == {
         k: v for k, v in s["data"].items() if k != "augment"}
+
+
+def test_fast_keeps_the_seed_data_split_model_and_normalisation():
+    f, s = flat_settings(fast()), flat_settings(seed())
+    changed = {k for k in s if f[k] != s[k]}
+    assert not any(k.startswith(("model.", "data.")) and not k.startswith("data.augment.")
+                   for k in changed)
+    assert "seed" not in changed  # same weights and batch order seed
+    assert f["data.augment.hflip"] == s["data.augment.hflip"]
+    assert f["data.augment.crop_padding"] == s["data.augment.crop_padding"]
 
 
 def test_overrides_are_typed_and_nested():

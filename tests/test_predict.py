@@ -11,6 +11,7 @@ from PIL import Image
 
 from cifarlab import checkpoint
 from cifarlab.cli import main
+from cifarlab.data.cpu_augment import normalize
 from cifarlab.data.sources import ImageSet, load_source
 from cifarlab.errors import UserError
 from cifarlab.evaluate import evaluate
@@ -53,6 +54,35 @@ def test_top_class_is_what_evaluate_scores_as_correct(best, training_images, tmp
                                                              ckpt["classes"]),
                       ckpt["mean"], ckpt["std"], torch.device("cpu"))
     assert scored.acc == 100.0
+
+
+def test_a_flip_averaging_run_scores_and_predicts_with_mirror_images(best, training_images,
+                                                                   tmp_path):
+    ckpt = checkpoint.load(best)
+    ckpt["config"]["tta_flip"] = True
+    flipped = tmp_path / "flip.pt"
+    torch.save(ckpt, flipped)
+    model = checkpoint.build_model(ckpt)
+    x = normalize(torch.from_numpy(training_images), ckpt["mean"], ckpt["std"])
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(3))
+    assert not torch.allclose(plain, mirrored)  # the model is not flip-invariant already
+    expected = ((plain + mirrored) / 2).softmax(1)
+    path = tmp_path / "0.png"
+    path.write_bytes(png_bytes(training_images[0]))
+    (result,) = predict_files(flipped, [path], topk=1)
+    top_class, top_p = result.predictions[0]
+    assert top_p == pytest.approx(expected[0].max().item(), abs=1e-5)
+    assert ckpt["classes"].index(top_class) == expected[0].argmax().item()
+    # evaluate: the accuracy of the averaged logits, which differs from the plain one here.
+    labels = ((plain + mirrored) / 2).argmax(1).numpy()
+    images = ImageSet(training_images, labels, ckpt["classes"])
+    device = torch.device("cpu")
+    assert evaluate(model, images, ckpt["mean"], ckpt["std"], device, flip=True).acc == 100.0
+    plain_acc = 100.0 * (plain.argmax(1).numpy() == labels).mean()
+    assert plain_acc < 100.0
+    assert evaluate(model, images, ckpt["mean"], ckpt["std"], device).acc == pytest.approx(
+        plain_acc)
 
 
 def test_images_of_any_size_become_the_centre_32x32():

@@ -118,17 +118,34 @@ def eager_compile(monkeypatch):
 
 
 def tiny(tmp_path, name, **changes):
-    settings = {"data": {"source": "synthetic:200", "workers": 0}, "epochs": 2,
+    settings = {"data": {"source": "synthetic:200", "loader": "resident"}, "epochs": 2,
                 "batch_size": 64, "model": {"width": 4}, "optim": {"warmup_epochs": 1},
                 "out": str(tmp_path), "name": name} | changes
     return apply_dict(seed(), settings)
+
+
+def test_compiled_augmentation_gives_the_same_batches(eager_compile):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g)
+    loaders = [build_resident_loader(images, torch.arange(40) % 10, AugmentConfig(),
+                                     (0.5,) * 3, (0.25,) * 3, batch_size=16, seed=0,
+                                     device="cpu", compile_mode=mode)
+               for mode in ("off", "default")]
+    for loader in loaders:
+        loader.set_epoch(2, 1)
+    eager, compiled = list(loaders[0]), list(loaders[1])
+    assert len(eager) == len(compiled) == 2
+    for (x, y), (xc, yc) in zip(eager, compiled, strict=True):
+        assert torch.equal(y, yc) and torch.allclose(x, xc, atol=1e-5)
+    assert len(eager_compile) == 1
 
 
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, eager_compile):
     torch._dynamo.reset()
     eager = fit(tiny(tmp_path, "eager"))
     compiled = fit(tiny(tmp_path, "compiled", compile="reduce-overhead"))
-    assert eager_compile == [{"mode": "reduce-overhead", "dynamic": False}]
+    # The model and the augmentation of the resident loader.
+    assert eager_compile == [{"mode": "reduce-overhead", "dynamic": False}] * 2
     a = json.loads((tmp_path / "eager" / "result.json").read_text())
     b = json.loads((tmp_path / "compiled" / "result.json").read_text())
     assert b["best_val_acc"] == pytest.approx(a["best_val_acc"], abs=2.0)

@@ -110,3 +110,8 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> nn.Mod
         first = str(e).splitlines()[0]
         raise UserError(f"checkpoint {path}: weights do not fit {args['name']} ({first})") from None
     return model.eval()
+
+
+def tta_flip(ckpt: dict[str, Any]) -> bool:
+    """Whether the checkpoint's run scored images with their mirror images (config.tta_flip)."""
+    return bool(ckpt.get("config", {}).get("tta_flip", False))

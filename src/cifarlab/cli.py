@@ -44,8 +44,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "seed": ("seed", int, "seed for weights, shuffling and augmentation"),
     "device": ("device", str, "auto, cpu or cuda"),
     "amp": ("amp", str, "mixed precision: auto, fp16, bf16 or off"),
-    "compile": ("compile", str, "torch.compile the model: off, default, reduce-overhead "
-                "(CUDA graphs) or max-autotune"),
+    "compile": ("compile", str, "torch.compile the training step: off, default, "
+                "reduce-overhead (CUDA graphs) or max-autotune"),
     "out": ("out", str, "folder of run folders (default runs)"),
     "name": ("name", str, "run folder name (default <preset>-<timestamp>)"),
 }
@@ -235,7 +235,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         f"checkpoint's {ckpt['classes']}; score data of the same classes")
     device = resolve_device(args.device)
     result = evaluate(model.to(device), data, ckpt["mean"], ckpt["std"], device,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, flip=checkpoint.tta_flip(ckpt))
     per_class = dict(zip(data.classes, result.per_class_acc, strict=True))
     if args.json:
         print(json.dumps({"images": int(len(data.labels)), "acc": result.acc,

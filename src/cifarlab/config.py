@@ -92,11 +92,15 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 100
     batch_size: int = 256
+    # Validation and test (and `evaluate`, `predict` of its checkpoints) score each image by
+    # the mean logits of the image and its mirror image.
+    tta_flip: bool = False
     patience: int = 30  # early stopping on validation accuracy; 0 disables it
     amp: str = "auto"  # "auto": fp16 with a GradScaler on CUDA, off on the CPU
     device: str = "auto"  # "auto": CUDA when present
-    # torch.compile the model for training: "reduce-overhead" also replays it as CUDA
-    # graphs; "max-autotune" searches kernels longer. Compiling takes a while at the start.
+    # torch.compile the model for training and the resident loader's augmentation:
+    # "reduce-overhead" also replays them as CUDA graphs; "max-autotune" searches kernels
+    # longer. Compiling takes a while at the start of a run.
     compile: str = "off"
     seed: int = 0  # weights, shuffling and augmentation (the split has its own seed)
     deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs always are

@@ -29,6 +29,15 @@ class Evaluation:
             return list(100.0 * np.diag(self.confusion) / totals)
 
 
+def logits_of(model: nn.Module, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """The model's logits for the batch `x`; with `flip` (test-time augmentation), the mean of
+    the logits of each image and of its mirror image."""
+    logits = model(x)
+    if flip:
+        logits = (logits + model(x.flip(3))) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -41,8 +50,10 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     criterion: nn.Module | None = None,
     world: World | None = None,
+    flip: bool = False,
 ) -> Evaluation:
-    """Under DDP (`world`) each rank scores every world.size-th image and the sums are
+    """`flip`: score each image by the mean logits of it and its mirror image (logits_of).
+    Under DDP (`world`) each rank scores every world.size-th image and the sums are
     added up, so that every rank returns the same numbers for the whole set."""
     criterion = criterion or nn.CrossEntropyLoss()
     world = world or World()
@@ -58,7 +69,7 @@ def evaluate(
         x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
         y = labels[start : start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
+            logits = logits_of(model, x, flip)
         loss_sum += criterion(logits.float(), y) * len(y)
         confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2)
     model.train(was_training)

@@ -20,6 +20,7 @@ from cifarlab import checkpoint
 from cifarlab.data.cpu_augment import normalize
 from cifarlab.data.sources import SIZE, decode_image
 from cifarlab.errors import UserError
+from cifarlab.evaluate import logits_of
 
 BATCH = 256  # images per forward pass
 
@@ -66,7 +67,8 @@ def predict_files(
     with torch.no_grad():
         for start in range(0, len(pixels), BATCH):
             batch = torch.from_numpy(pixels[start : start + BATCH]).to(device)
-            probs = model(normalize(batch, ckpt["mean"], ckpt["std"])).float().softmax(1)
+            x = normalize(batch, ckpt["mean"], ckpt["std"])
+            probs = logits_of(model, x, checkpoint.tta_flip(ckpt)).float().softmax(1)
             top_p, top_i = probs.topk(k, dim=1)
             for j, (p_row, i_row) in enumerate(zip(top_p.tolist(), top_i.tolist(),
                                                    strict=True)):

@@ -10,7 +10,9 @@ GPU.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,19 +20,19 @@ from torch import nn
 from cifarlab import distributed
 
 
-def compiled(model: nn.Module, mode: str) -> nn.Module:
-    """`model` compiled with torch.compile in `mode` (config.COMPILE_MODES), or itself for
-    "off".
+def compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """A module or function under torch.compile in `mode` (config.COMPILE_MODES), or itself
+    for "off".
 
-    "reduce-overhead" replays the compiled step as CUDA graphs, which removes the launch
+    "reduce-overhead" replays the compiled code as CUDA graphs, which removes the launch
     overhead that bounds a GPU on 32x32 images. Shapes are static: the last, smaller batch
     of an epoch compiles once more instead of making every graph shape-generic.
-    The compiled module shares its parameters with `model`, which stays the one that is
+    A compiled module shares its parameters with the original, which stays the one that is
     evaluated and saved (its state_dict keys carry no compile prefix).
     """
     if mode == "off":
-        return model
-    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+        return fn
+    return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
 
 
 @dataclass

@@ -225,7 +225,7 @@ def make_loader(
     if kind == "resident":
         loader = build_resident_loader(splits.train.images, splits.train.labels,
                                        config.data.augment, splits.mean, splits.std,
-                                       device=device, **common)
+                                       device=device, compile_mode=config.compile, **common)
         return loader, loader
     workers = config.data.workers if config.data.workers >= 0 else default_workers(device)
     return build_train_loader(
@@ -528,7 +528,8 @@ def _train(
         totals = sums(loss_sum, correct, seen)
         distributed.sync_buffers(model)
         val = evaluate(model, splits.val, splits.mean, splits.std, device,
-                       amp_dtype=amp_dtype, criterion=criterion, world=world)
+                       amp_dtype=amp_dtype, criterion=criterion, world=world,
+                       flip=config.tta_flip)
         history.append({
             "epoch": epoch,
             "lr": scheduler.base_lrs[0] * lr_at(epoch * steps_per_epoch - 1),  # epoch's last step
@@ -570,7 +571,7 @@ def _train(
         best = checkpoint.load(run_dir / "best.pt")
         model.load_state_dict(best["model"])
         test = evaluate(model, splits.test, splits.mean, splits.std, device,
-                        amp_dtype=amp_dtype, world=world)
+                        amp_dtype=amp_dtype, world=world, flip=config.tta_flip)
         test_acc = test.acc
         test_per_class = [None if np.isnan(a) else a for a in test.per_class_acc]
         test_confusion = test.confusion.tolist()
