@@ -84,6 +84,41 @@ def test_batches_steps_and_flags_never_synchronise(fused):
     assert [f.step for f in flags.ready()] == [1]  # steps 2 and 3 are not read yet
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_steps_never_wait_for_the_device():
+    """CUDA's own check: any synchronising call inside raises (fp16 with the GradScaler and
+    the fused optimizer, as `seed` runs on a GPU)."""
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 32, 32, 3), dtype=torch.uint8, generator=g)
+    loader = build_resident_loader(images, torch.arange(256) % 10, AugmentConfig(),
+                                   (0.5,) * 3, (0.25,) * 3, batch_size=64, seed=0,
+                                   device=device)
+    loader.set_epoch(1)
+    batches = iter(loader)
+    model = create_model("resnet18", num_classes=10, width=8).to(
+        device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    train_step = TrainStep(model, nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
+                           torch.amp.GradScaler("cuda"), scheduler, torch.float16)
+    flags = StepFlags(device, lag=2)
+    train_step(*next(batches))  # first step: cuDNN autotuning, lazy state
+    torch.cuda.synchronize()
+    read = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 4):
+            x, y = next(batches)
+            loss, _ = train_step(x, y)
+            flags.record(step, loss, stop_requested=False)
+            read += flags.ready()  # waits on an event only: not a synchronising call
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    read += flags.drain()
+    assert [(f.step, f.loss_not_finite) for f in read] == [(1, False), (2, False), (3, False)]
+
+
 def test_step_flags_are_read_lag_steps_later():
     flags = StepFlags(torch.device("cpu"), lag=2)
     losses = [1.0, float("nan"), 2.0, 3.0, float("inf")]

@@ -26,10 +26,11 @@ def baseline() -> Config:
 
 def fast() -> Config:
     """Time to accuracy on one GPU: the seed's model, split and normalisation, trained for
-    fewer epochs at batch 512 with what helps a short schedule most (BENCHMARKS.md).
+    fewer epochs at batch 512 with what helps a short schedule (BENCHMARKS.md; its GPU time
+    and accuracy are not measured yet).
 
-    - augmentation: flip and pad-and-crop only (rotation, colour jitter, translation and
-      erasing slow a 20-epoch run down more than they regularise it);
+    - augmentation: flip and pad-and-crop only (with the seed's whole chain the same recipe
+      learned 9.6 points less in a short validation-split run, and ran 40 % slower on a CPU);
     - learning rate 0.2 (the seed's 0.1 scaled linearly with the batch), Nesterov momentum,
       2 warm-up epochs, then cosine to zero; label smoothing 0.2;
     - no early stopping (the schedule is short); validation and test score each image with
