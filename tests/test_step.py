@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cifarlab import checkpoint
 from cifarlab.config import AugmentConfig, apply_dict
 from cifarlab.data.resident import build_resident_loader
+from cifarlab.errors import UserError
 from cifarlab.models import create_model
 from cifarlab.presets import seed
 from cifarlab.step import StepFlags, TrainStep
@@ -192,3 +193,12 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, eager
     saved = checkpoint.load(tmp_path / "compiled" / "best.pt")["model"]
     assert set(saved) == set(create_model("resnet18", num_classes=10, width=4).state_dict())
     assert eager.best_epoch >= 1 and compiled.epochs_run == 2
+
+
+def test_compile_without_a_cpu_compiler_is_refused_before_anything_is_written(tmp_path,
+                                                                              monkeypatch):
+    inductor = pytest.importorskip("torch._inductor.config")
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-c++-compiler",))
+    with pytest.raises(UserError, match="--compile default: .*needs a C\\+\\+ compiler"):
+        fit(tiny(tmp_path, "r", device="cpu", compile="default"))
+    assert not (tmp_path / "r").exists()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cifarlab import distributed
+from cifarlab.errors import UserError
 
 
 def compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
@@ -33,6 +34,28 @@ def compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
     if mode == "off":
         return fn
     return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def check_compile(mode: str, device: torch.device) -> None:
+    """Refuse a compile mode that cannot work here, before any work is done: torch.compile
+    generates Triton kernels for CUDA and C++ for the CPU."""
+    if mode == "off":
+        return
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise UserError(f"--compile {mode}: torch.compile needs Triton on CUDA GPUs and it "
+                            "is not installed; pip install triton, or use --compile off")
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except RuntimeError:
+        raise UserError(f"--compile {mode}: torch.compile on the CPU needs a C++ compiler and "
+                        "none was found; install g++ (or set CXX), or use --compile off"
+                        ) from None
 
 
 @dataclass

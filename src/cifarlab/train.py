@@ -42,7 +42,7 @@ from cifarlab.interrupt import StopRequest
 from cifarlab.models import create_model
 from cifarlab.report import write_report
 from cifarlab.schedule import lr_factor
-from cifarlab.step import Flags, StepFlags, TrainStep, compiled
+from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled
 
 log = logging.getLogger("cifarlab")
 
@@ -320,6 +320,7 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     if config.sync_batchnorm and world.distributed and device.type != "cuda":
         raise UserError("sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
                         "version); drop --set sync_batchnorm=true")
+    check_compile(config.compile, device)
     if config.batch_size % world.size:
         raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
                         f"evenly over {world.size} processes; change --batch-size")
