@@ -110,6 +110,16 @@ def test_report_without_test_data(tmp_path):
     assert not (run / CONFUSION_PNG).exists()
 
 
+def test_report_says_when_images_were_scored_with_their_mirror_images(tmp_path):
+    plain, flipped = write_run(tmp_path / "seed", 2), write_run(tmp_path / "fast", 2,
+                                                                preset="fast")
+    for run in (plain, flipped):
+        write_report(run)
+    assert "mirror image" not in sections((plain / REPORT_MD).read_text())["Results"]
+    assert "| scoring | each validation and test image by the mean logits of it and its " \
+           "mirror image (tta_flip) |" in sections((flipped / REPORT_MD).read_text())["Results"]
+
+
 def test_compare_command(tmp_path, capsys):
     a = write_run(tmp_path / "baseline", 10, preset="baseline")
     b = write_run(tmp_path / "seed", 14, shift=3.5)

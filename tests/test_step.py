@@ -156,7 +156,7 @@ def eager_compile(monkeypatch):
 def tiny(tmp_path, name, **changes):
     settings = {"data": {"source": "synthetic:200", "loader": "resident"}, "epochs": 2,
                 "batch_size": 64, "model": {"width": 4}, "optim": {"warmup_epochs": 1},
-                "out": str(tmp_path), "name": name} | changes
+                "device": "cpu", "out": str(tmp_path), "name": name} | changes
     return apply_dict(seed(), settings)
 
 
@@ -200,5 +200,5 @@ def test_compile_without_a_cpu_compiler_is_refused_before_anything_is_written(tm
     inductor = pytest.importorskip("torch._inductor.config")
     monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-c++-compiler",))
     with pytest.raises(UserError, match="--compile default: .*needs a C\\+\\+ compiler"):
-        fit(tiny(tmp_path, "r", device="cpu", compile="default"))
+        fit(tiny(tmp_path, "r", compile="default"))
     assert not (tmp_path / "r").exists()

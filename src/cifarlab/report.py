@@ -256,6 +256,9 @@ def _results_table(run: Run, data: dict[str, Any]) -> Table:
         ["training time", f"{run.train_seconds:,.1f} s "
                           f"({run.train_seconds / run.epochs_run:,.1f} s per epoch)"],
     ]
+    if run.config.tta_flip:
+        rows.append(["scoring", "each validation and test image by the mean logits of it and "
+                                "its mirror image (tta_flip)"])
     if run.result is not None:
         rows.append(["device", f"{run.result['device']}, torch {run.result['torch_version']}"])
     return Table(["", ""], rows)
