@@ -48,8 +48,10 @@ def check_compile(mode: str, device: torch.device) -> None:
             raise UserError(f"--compile {mode}: torch.compile needs Triton on CUDA GPUs and it "
                             "is not installed; pip install triton, or use --compile off")
         return
-    from torch._inductor.cpp_builder import get_cpp_compiler
-
+    try:  # a private helper of inductor: without it, a missing compiler shows at compile time
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return
     try:
         get_cpp_compiler()
     except RuntimeError:
