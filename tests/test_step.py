@@ -58,7 +58,7 @@ def step_parts(fused: bool):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
     # The GradScaler as an fp16 run on CUDA uses it: enabled, with the fused optimizer.
     scaler = torch.amp.GradScaler("cpu", enabled=fused)
-    return model, TrainStep(model, nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
+    return TrainStep(model, nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
                             scaler, scheduler, amp_dtype=None)
 
 
@@ -71,7 +71,7 @@ def test_batches_steps_and_flags_never_synchronise(fused):
                                    device="cpu")
     loader.set_epoch(1)
     batches = iter(loader)
-    _, train_step = step_parts(fused)
+    train_step = step_parts(fused)
     flags = StepFlags(torch.device("cpu"), lag=2)
     loss_sum, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
     with SyncOps() as mode:

@@ -491,6 +491,7 @@ def _train(
     show_progress = sys.stderr.isatty() and world.is_main
     train_step = TrainStep(compiled(train_model, config.compile), criterion, optimizer, scaler,
                            scheduler, amp_dtype)
+    flags = StepFlags(device, lag=FLAG_LAG)  # drained at the end of every epoch
     epoch = start_epoch
     for epoch in range(start_epoch, config.epochs + 1):
         epoch_start = time.perf_counter()
@@ -503,7 +504,6 @@ def _train(
         loss_sum = torch.tensor(resumed["loss_sum"], dtype=torch.float64, device=device)
         correct = torch.tensor(resumed["correct"], dtype=torch.int64, device=device)
         seen = resumed["seen"]
-        flags = StepFlags(device, lag=FLAG_LAG)
         for x, y in tqdm(loader, desc=f"epoch {epoch}", initial=step, total=steps_per_epoch,
                          leave=False, disable=not show_progress):
             if check_flags(flags.ready(), epoch, config):

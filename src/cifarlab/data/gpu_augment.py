@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.config import AugmentConfig
+from cifarlab.step import compiled
 
 # torchvision's ColorJitter op ids: it applies them in a random permutation of these.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -324,11 +325,15 @@ class BatchAugment:
 
     def __init__(
         self, aug: AugmentConfig, mean: Sequence[float], std: Sequence[float],
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", compile_mode: str = "off",
     ) -> None:
         self.aug = aug
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
+        # `compile_mode` (config.COMPILE_MODES) compiles `apply` for calls: its hundreds of
+        # small ops become a few fused kernels. The draws stay eager, so the random streams
+        # are the same either way.
+        self._apply = compiled(self.apply, compile_mode)
 
     def draw(self, n: int, size: tuple[int, int], generator: torch.Generator) -> AugmentParams:
         """Parameters for `n` images of `size` (H, W), on the generator's device."""
@@ -363,7 +368,7 @@ class BatchAugment:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         params = self.draw(len(images), tuple(_nchw(images).shape[2:]), generator)
-        return self.apply(images, params)
+        return self._apply(images, params)
 
 
 def _nchw(images: torch.Tensor) -> torch.Tensor:

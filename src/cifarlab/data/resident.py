@@ -18,7 +18,6 @@ import torch
 from cifarlab.config import AugmentConfig
 from cifarlab.data.gpu_augment import BatchAugment
 from cifarlab.data.loader import EpochBatchSampler, epoch_seed, train_sampler
-from cifarlab.step import compiled
 
 
 def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -37,14 +36,10 @@ class ResidentLoader:
         labels: torch.Tensor,
         augment: BatchAugment,
         sampler: EpochBatchSampler,
-        compile_mode: str = "off",
     ) -> None:
         self.images, self.labels = images, labels  # (N, H, W, C) uint8, (N,) int64
         self.augment, self.sampler = augment, sampler
         self.generator = torch.Generator(device=images.device)
-        # Compiling fuses the chain's hundreds of small ops into a few kernels; the parameter
-        # draws stay eager, so the random streams are the same either way.
-        self.apply = compiled(augment.apply, compile_mode)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """The next iteration yields this epoch's batches from `start_step` on."""
@@ -61,9 +56,8 @@ class ResidentLoader:
             index = order[step * batch_size : (step + 1) * batch_size]
             self.generator.manual_seed(batch_seed(self.sampler.seed, epoch, step,
                                                   self.sampler.rank))
-            images = self.images.index_select(0, index)
-            params = self.augment.draw(len(index), tuple(images.shape[1:3]), self.generator)
-            yield self.apply(images, params), self.labels.index_select(0, index)
+            x = self.augment(self.images.index_select(0, index), self.generator)
+            yield x, self.labels.index_select(0, index)
 
 
 def build_resident_loader(
@@ -87,6 +81,6 @@ def build_resident_loader(
     images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
     sampler = train_sampler(len(labels), batch_size, seed, rank=rank, world_size=world_size)
     return ResidentLoader(
-        images.to(device), labels.to(device), BatchAugment(aug, mean, std, device), sampler,
-        compile_mode,
+        images.to(device), labels.to(device), BatchAugment(aug, mean, std, device, compile_mode),
+        sampler,
     )
