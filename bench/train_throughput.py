@@ -6,7 +6,7 @@ run so that the figures compare:
   per batch there);
 - `torchvision`: the seed's way, torchvision transforms per image in DataLoader workers.
 
-The step is train.py's own (step.TrainStep, with its per-step flags): channels_last,
+The step is train.py's own (step.TrainStep, with its per-step flags): channels-last on CUDA,
 autocast (bf16, or fp16 with a GradScaler), fused SGD on CUDA, label smoothing, optionally
 torch.compile; no host synchronisation inside the timed steps.
 
@@ -31,7 +31,7 @@ from cifarlab.data.resident import build_resident_loader
 from cifarlab.data.sources import load_source
 from cifarlab.data.splits import channel_stats
 from cifarlab.models import create_model
-from cifarlab.step import StepFlags, TrainStep, compiled
+from cifarlab.step import StepFlags, TrainStep, compiled, memory_format
 from cifarlab.train import FLAG_LAG
 
 
@@ -39,7 +39,7 @@ def batches(path, data, mean, std, batch_size, device, workers):
     """An endless iterator of (x, y) on the device for one data path."""
     if path == "random":
         x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=memory_format(device))
         y = torch.randint(0, 10, (batch_size,), device=device)
         while True:
             yield x, y
@@ -57,7 +57,7 @@ def batches(path, data, mean, std, batch_size, device, workers):
         epoch += 1
         sampler.set_epoch(epoch)
         for x, y in loader:
-            yield (x.to(device, non_blocking=True, memory_format=torch.channels_last),
+            yield (x.to(device, non_blocking=True, memory_format=memory_format(device)),
                    y.to(device, non_blocking=True))
 
 
@@ -66,13 +66,15 @@ def throughput(path, data, mean, std, batch_size, device, amp, steps, workers, c
     """Images/s of train.py's step (TrainStep and its per-step StepFlags) on one data path.
     `blocking_flags` reads each step's flags at once instead, to measure what that costs."""
     torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=10).to(device, memory_format=torch.channels_last)
+    model = create_model("resnet18", num_classes=10).to(device,
+                                                          memory_format=memory_format(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
                                 fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    train_step = TrainStep(compiled(model, compile_mode), nn.CrossEntropyLoss(label_smoothing=0.1),
-                           optimizer, scaler, scheduler, amp)
+    train_step = TrainStep(compiled(model, compile_mode, device),
+                           nn.CrossEntropyLoss(label_smoothing=0.1), optimizer, scaler, scheduler,
+                           amp)
     flags = StepFlags(device, lag=0 if blocking_flags else FLAG_LAG)
     source = batches(path, data, mean, std, batch_size, device, workers)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

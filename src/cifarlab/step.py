@@ -21,18 +21,41 @@ from cifarlab import distributed
 from cifarlab.errors import UserError
 
 
-def compiled(fn: Callable[..., Any], mode: str) -> Callable[..., Any]:
-    """A module or function under torch.compile in `mode` (config.COMPILE_MODES), or itself
-    for "off".
+def memory_format(device: torch.device | str) -> torch.memory_format:
+    """The layout of image batches (and of the model) on `device`.
+
+    CUDA: channels-last, which cuDNN's fastest kernels want. CPU: contiguous NCHW, always.
+    oneDNN's weight gradient of a 1x1 stride-2 convolution (a ResNet shortcut) with
+    channels-last input and fewer input channels than its vector block (8 on AVX2, 16 on
+    AVX-512) hangs, crashes or is silently wrong (uxlfoundation/oneDNN#6035; measured with
+    AVX2 kernels on an AMD EPYC: 9 % to 99 % relative error at 2, 4, 6 and 7 input channels,
+    a hang or an abort at 3 and 5).
+    Narrow and pruned networks reach such channel counts; NCHW input takes other kernels.
+    """
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+
+
+def compiled(fn: Callable[..., Any], mode: str, device: torch.device | str) -> Callable[..., Any]:
+    """A module or function under torch.compile in `mode` (config.COMPILE_MODES) for
+    `device`, or itself for "off".
 
     "reduce-overhead" replays the compiled code as CUDA graphs, which removes the launch
     overhead that bounds a GPU on 32x32 images. Shapes are static: the last, smaller batch
     of an epoch compiles once more instead of making every graph shape-generic.
     A compiled module shares its parameters with the original, which stays the one that is
     evaluated and saved (its state_dict keys carry no compile prefix).
+
+    On the CPU, inductor's layout optimisation would turn every convolution channels-last,
+    straight into the oneDNN fault that `memory_format` avoids; it is switched off there
+    (the options of `mode` plus that one: torch.compile takes a mode or options, not both).
     """
     if mode == "off":
         return fn
+    if torch.device(device).type == "cpu":
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(mode), "layout_optimization": False}
+        return torch.compile(fn, options=options, dynamic=False)
     return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
 
 
@@ -73,6 +96,9 @@ class TrainStep:
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every backward pass goes through here: whatever the caller's layout, the device's
+        # own (on the CPU, NCHW away from the oneDNN fault; a no-op when already so).
+        x = x.contiguous(memory_format=memory_format(x.device))
         amp = self.amp_dtype is not None
         with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=amp):
             logits = self.model(x)

@@ -42,7 +42,7 @@ from cifarlab.interrupt import StopRequest
 from cifarlab.models import create_model
 from cifarlab.report import write_report
 from cifarlab.schedule import lr_factor
-from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled
+from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled, memory_format
 
 log = logging.getLogger("cifarlab")
 
@@ -395,10 +395,10 @@ def _train(
     world: World,
 ) -> FitResult:
     set_deterministic(config.deterministic)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    layout = memory_format(device)  # channels-last on CUDA, NCHW on the CPU (step.py)
     if config.sync_batchnorm and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=layout)
     # `model` is what is evaluated and saved; `train_model` what steps (DDP averages the
     # gradients over the ranks during backward).
     train_model = model
@@ -489,8 +489,8 @@ def _train(
         return {"loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2])}
 
     show_progress = sys.stderr.isatty() and world.is_main
-    train_step = TrainStep(compiled(train_model, config.compile), criterion, optimizer, scaler,
-                           scheduler, amp_dtype)
+    train_step = TrainStep(compiled(train_model, config.compile, device), criterion, optimizer,
+                           scaler, scheduler, amp_dtype)
     flags = StepFlags(device, lag=FLAG_LAG)  # drained at the end of every epoch
     epoch = start_epoch
     for epoch in range(start_epoch, config.epochs + 1):
@@ -515,7 +515,7 @@ def _train(
                     save_last(epoch, step, totals, weights)
                 distributed.barrier()  # no rank exits before rank 0 has saved
                 raise interrupted(epoch, step)
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            x = x.to(device, non_blocking=True, memory_format=layout)
             y = y.to(device, non_blocking=True)
             loss, logits = train_step(x, y)
             loss_sum += loss.double() * len(y)

@@ -9,6 +9,7 @@ import torch
 from torchvision.transforms import v2
 
 from cifarlab.config import AugmentConfig
+from cifarlab.step import memory_format
 
 
 def train_transform(
@@ -33,8 +34,9 @@ def train_transform(
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 NHWC batch -> float NCHW batch, normalised; the memory stays channels-last."""
+    """uint8 NHWC batch -> float NCHW batch, normalised, in the device's layout
+    (step.memory_format: channels-last memory on CUDA, contiguous NCHW on the CPU)."""
     x = images.permute(0, 3, 1, 2).float().div_(255)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(m).div_(s)
+    return x.sub_(m).div_(s).contiguous(memory_format=memory_format(x.device))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.config import AugmentConfig
-from cifarlab.step import compiled
+from cifarlab.step import compiled, memory_format
 
 # torchvision's ColorJitter op ids: it applies them in a random permutation of these.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -321,7 +321,8 @@ def erase(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 class BatchAugment:
     """The seed's training augmentation (cpu_augment.train_transform) for whole batches:
     uint8 images (N, H, W, C), or (N, C, H, W) with C = 3, -> normalised float32
-    (N, C, H, W) in channels-last memory. Ops whose strength is 0 are left out."""
+    (N, C, H, W) in the device's layout (step.memory_format: channels-last memory on CUDA,
+    contiguous NCHW on the CPU). Ops whose strength is 0 are left out."""
 
     def __init__(
         self, aug: AugmentConfig, mean: Sequence[float], std: Sequence[float],
@@ -333,7 +334,7 @@ class BatchAugment:
         # `compile_mode` (config.COMPILE_MODES) compiles `apply` for calls: its hundreds of
         # small ops become a few fused kernels. The draws stay eager, so the random streams
         # are the same either way.
-        self._apply = compiled(self.apply, compile_mode)
+        self._apply = compiled(self.apply, compile_mode, device)
 
     def draw(self, n: int, size: tuple[int, int], generator: torch.Generator) -> AugmentParams:
         """Parameters for `n` images of `size` (H, W), on the generator's device."""
@@ -363,7 +364,7 @@ class BatchAugment:
             x = color_jitter(x, params.jitter)
         if params.crop is not None or params.translate is not None:
             x = crop_translate(x, params.crop, params.translate, self.aug.crop_padding)
-        x = normalize(x.contiguous(memory_format=torch.channels_last), self.mean, self.std)
+        x = normalize(x.contiguous(memory_format=memory_format(x.device)), self.mean, self.std)
         return erase(x, params.erase) if params.erase is not None else x
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
