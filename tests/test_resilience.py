@@ -109,6 +109,7 @@ def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, co
     proc.send_signal(sig)
     returncode, out, err = finish(proc)
     assert returncode == code
+    assert f"stopped by {signal.Signals(sig).name} at epoch" in err  # not the grace period's
     assert f"cifarlab train --resume {run_dir}" in err and "Traceback" not in err
     assert not (run_dir / "result.json").exists()  # never reports success after an interrupt
     epoch, step = checkpoint.load(run_dir / "last.pt")["train_state"]["position"]
@@ -134,6 +135,65 @@ def test_second_signal_exits_at_once(tmp_path):
                           timeout=60)
     assert proc.returncode == 143 and "not reached" not in proc.stdout
     assert time.monotonic() - start < 9
+
+
+# A run whose first step after epoch 1 blocks forever in native code (GIL released, deaf
+# to signals), as a hung oneDNN kernel does.
+STUCK = """
+import sys, pathlib, torch
+from cifarlab import step
+from cifarlab.config import apply_dict
+from cifarlab.presets import seed
+from cifarlab.train import fit
+out, grace = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+real_step = step.TrainStep.__call__
+def step_that_hangs_in_epoch_2(self, x, y):
+    if (out / "run" / "metrics.csv").exists():
+        (out / "stuck").touch()
+        torch.futures.Future().wait()
+    return real_step(self, x, y)
+step.TrainStep.__call__ = step_that_hangs_in_epoch_2
+fit(apply_dict(seed(), {"data": {"source": "synthetic:200", "workers": 0}, "epochs": 3,
+                        "batch_size": 64, "model": {"width": 4}, "device": "cpu",
+                        "stop_grace": grace, "out": str(out), "name": "run"}))
+"""
+
+
+def stuck_run(tmp_path, grace):
+    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(tmp_path), str(grace)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "stuck").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_step_stuck_in_native_code_ends_after_the_grace_period(tmp_path):
+    proc = stuck_run(tmp_path, grace=2)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    returncode, _, err = finish(proc, timeout=60)
+    assert returncode == 143
+    assert 2 <= time.monotonic() - signalled < 30
+    assert "no progress for 2 s after SIGTERM" in err
+    assert f"continue with: cifarlab train --resume {tmp_path / 'run'}" in err
+    assert "in step_that_hangs_in_epoch_2" in err  # the stacks show where it was stuck
+    # The checkpoint of epoch 1 is intact and resumable from epoch 2.
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["train_state"]["position"] == [2, 0]
+
+
+def test_a_second_signal_ends_a_stuck_step_at_once(tmp_path):
+    proc = stuck_run(tmp_path, grace=600)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None  # the first signal waits for the step
+    proc.send_signal(signal.SIGINT)
+    returncode, _, err = finish(proc, timeout=60)
+    assert returncode == 130 and time.monotonic() - signalled < 20
+    assert "second signal (SIGINT): exiting now" in err and "Traceback" not in err
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["train_state"]["position"] == [2, 0]
 
 
 def test_resume_refuses_changed_settings_unless_allowed(reference, tmp_path, capsys):
@@ -306,7 +366,8 @@ def test_ctrl_c_reaching_the_loader_workers_too_is_a_graceful_stop(reference, tm
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
     returncode, _, err = finish(proc)
-    assert returncode == 130 and "--resume" in err and "Traceback" not in err
+    assert returncode == 130 and "Traceback" not in err
+    assert "stopped by SIGINT at epoch" in err and "--resume" in err  # the graceful path
     returncode, _, err = finish(cifarlab("train", "--resume", str(run_dir)))
     assert returncode == 0, err
     assert_same_run(reference, run_dir)  # the number of workers changes nothing

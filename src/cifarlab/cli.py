@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Settings that may differ on --resume without --allow-changes: they change nothing the
 # run computes (the loader's output does not depend on the number of workers).
-RESUME_FREE = ("data.workers", "out", "name")
+RESUME_FREE = ("data.workers", "out", "name", "stop_grace")
 
 
 def resolve_config(args: argparse.Namespace, base: cfg.Config | None = None) -> cfg.Config:

@@ -104,6 +104,9 @@ class Config:
     compile: str = "off"
     seed: int = 0  # weights, shuffling and augmentation (the split has its own seed)
     deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs always are
+    # After a first SIGINT/SIGTERM, seconds without a finished batch before the process
+    # exits on its own (a step stuck in native code); a second signal exits at once.
+    stop_grace: float = 60.0
     sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch
     out: str = "runs"
     name: str | None = None  # run folder name; default <preset>-<timestamp>
@@ -114,6 +117,7 @@ class Config:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.patience >= 0, "patience must be >= 0 (0 disables early stopping)"),
+            (0 < self.stop_grace < float("inf"), "stop_grace must be a number of seconds > 0"),
             (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
             (self.compile in COMPILE_MODES,

@@ -13,6 +13,7 @@ from cifarlab import distributed
 from cifarlab.data.cpu_augment import normalize
 from cifarlab.data.sources import ImageSet
 from cifarlab.distributed import World
+from cifarlab.interrupt import heartbeat
 
 
 @dataclass
@@ -72,6 +73,7 @@ def evaluate(
             logits = logits_of(model, x, flip)
         loss_sum += criterion(logits.float(), y) * len(y)
         confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2)
+        heartbeat()
     model.train(was_training)
     distributed.all_reduce(loss_sum)
     distributed.all_reduce(confusion)

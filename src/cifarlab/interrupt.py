@@ -1,48 +1,139 @@
-"""Graceful stop on SIGINT / SIGTERM: the first one asks the training loop to stop after
-the current step (it saves `last.pt` and exits 130 / 143); a second one exits at once.
-Checkpoints are written atomically, so exiting at any instant leaves no broken file."""
+"""Graceful stop on SIGINT / SIGTERM, and a way out of a step that never returns.
+
+The first signal asks the training loop to stop after the current step (it saves `last.pt`
+and exits 130 / 143). A second signal exits at once, with the same code. If no batch
+finishes for `grace` seconds after the first signal (a step stuck in native code, such as a
+hung oneDNN kernel), the process exits on its own, with that code and the stacks of its
+threads on stderr. Checkpoints are written atomically, so exiting at any instant leaves the
+ones from before intact.
+
+Python runs a signal handler only in the main thread between bytecodes, so a main thread
+stuck inside one native call never runs it. CPython's C-level handler also writes each
+signal's number to a "wakeup fd" (signal.set_wakeup_fd); a watcher thread reads it there
+and acts without the main thread (PyTorch releases the GIL inside its kernels).
+"""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import select
 import signal
 import threading
+import time
 from types import FrameType
+
+_last_progress = time.monotonic()
+_DONE = 0  # written to the wakeup pipe by __exit__ (no signal has the number 0)
+
+
+def heartbeat() -> None:
+    """Called after each finished batch (training and evaluation): the process is moving."""
+    global _last_progress
+    _last_progress = time.monotonic()
+_DONE = 0  # written to the wakeup pipe by __exit__ (no signal has the number 0)
 
 
 class StopRequest:
-    """While active, records the first SIGINT/SIGTERM in `signum` instead of dying."""
+    """While active, records the first SIGINT/SIGTERM in `signum` instead of dying; a second
+    one, or `grace` seconds without a heartbeat after the first, ends the process at once.
+    `note` is added to the line printed then (e.g. how to resume)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 60.0, note: str = "") -> None:
+        self.grace, self.note = grace, note
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._previous_wakeup = -1
+        self._pipe: tuple[int, int] | None = None
+        self._watcher: threading.Thread | None = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # the second signal: leave now
-            os._exit(128 + signum)
-        self.signum = signum
+        # Runs in the main thread when it can; the watcher counts signals and exits.
+        if self.signum is None:
+            self.signum = signum
+
+    def _watch(self, read_fd: int) -> None:
+        received: list[int] = []
+        while True:
+            timeout = None
+            if received:
+                timeout = max(0.0, max(_last_progress, self._first_at) + self.grace
+                              - time.monotonic())
+            ready, _, _ = select.select([read_fd], [], [], timeout)
+            if not ready:
+                if received:  # grace is over and nothing moved
+                    self._exit(received[0], f"no progress for {self.grace:g} s after "
+                               f"{signal.Signals(received[0]).name} (a step stuck in native "
+                               "code?)", stacks=True)
+                continue
+            data = os.read(read_fd, 64)
+            if not data or data[-1] == _DONE:  # the request is over
+                return
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                if not received:
+                    self._first_at = time.monotonic()
+                    if self.signum is None:
+                        self.signum = signum
+                received.append(signum)
+                if len(received) >= 2:
+                    self._exit(signum, f"second signal ({signal.Signals(signum).name})")
+
+    def _exit(self, signum: int, why: str, stacks: bool = False) -> None:
+        parts = [f"cifarlab: {why}: exiting now", self.note,
+                 "the stacks of its threads follow" if stacks else ""]
+        os.write(2, ("; ".join(p for p in parts if p) + "\n").encode())
+        if stacks:
+            faulthandler.dump_traceback(all_threads=True)
+        os._exit(128 + signum)
 
     def __enter__(self) -> StopRequest:
-        # Signal handlers can only be set from the main thread; elsewhere signals keep
-        # their default behaviour.
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        # Signal handlers and the wakeup fd can only be set from the main thread; elsewhere
+        # signals keep their default behaviour.
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._first_at = time.monotonic()
+        self._pipe = os.pipe()
+        os.set_blocking(self._pipe[0], False)
+        os.set_blocking(self._pipe[1], False)
+        self._previous_wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        self._watcher = threading.Thread(target=self._watch, args=(self._pipe[0],),
+                                         name="cifarlab-stop-watcher", daemon=True)
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._pipe is None:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        signal.set_wakeup_fd(self._previous_wakeup)
+        # A byte, not closing the pipe: forked DataLoader workers may hold its write end.
+        os.write(self._pipe[1], bytes([_DONE]))
+        if self._watcher is not None:
+            self._watcher.join()
+        os.close(self._pipe[0])
+        os.close(self._pipe[1])
+        self._pipe = self._watcher = None
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
 
-def ignore_sigint_in_worker(worker_id: int) -> None:
-    """DataLoader worker init: Ctrl-C reaches the whole process group, but only the main
-    process decides when to stop; a worker killed by it would break the loader."""
+def worker_signals(worker_id: int) -> None:
+    """DataLoader worker init. Ctrl-C reaches the whole process group, but only the main
+    process decides when to stop: a worker killed by it would break the loader. A forked
+    worker also inherits the main process's handlers and wakeup fd: its own SIGTERM (the
+    loader ends stuck workers with one) must end it, not reach the main process's pipe."""
+    inherited = signal.set_wakeup_fd(-1)
+    if inherited != -1:
+        os.close(inherited)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -38,7 +38,7 @@ from cifarlab.data.splits import Splits, prepare_splits
 from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
-from cifarlab.interrupt import StopRequest
+from cifarlab.interrupt import StopRequest, heartbeat
 from cifarlab.models import create_model
 from cifarlab.report import write_report
 from cifarlab.schedule import lr_factor
@@ -369,7 +369,9 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
         file_log = logging.FileHandler(run_dir / "train.log")
         log.addHandler(file_log)
     try:
-        with StopRequest() as stop:
+        resume_note = (f"the checkpoints saved before are intact; continue with: cifarlab train "
+                       f"--resume {run_dir}")
+        with StopRequest(config.stop_grace, note=resume_note) as stop:
             result = _train(config, splits, model, device, amp_dtype, run_dir, state, stop,
                             world)
             if world.is_main:
@@ -523,6 +525,7 @@ def _train(
             seen += len(y)
             step += 1
             flags.record(step, loss, stop.signum is not None)
+            heartbeat()
         check_flags(flags.drain(), epoch, config)
         check_loss_scale(scaler, epoch)
 

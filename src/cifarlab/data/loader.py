@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cifarlab.interrupt import ignore_sigint_in_worker
+from cifarlab.interrupt import worker_signals
 
 _PRIME = 1_000_003
 
@@ -128,6 +128,6 @@ def build_train_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
-        worker_init_fn=ignore_sigint_in_worker,
+        worker_init_fn=worker_signals,
     )
     return loader, sampler
