@@ -69,7 +69,7 @@ def test_bad_overrides_name_the_problem(text, message):
 
 @pytest.mark.parametrize("update, message", [
     ({"epochs": 0}, "epochs"),
-    ({"amp": "fp8"}, "amp must be one of"),
+    ({"amp": "fp8"}, "'amp' must be one of"),
     ({"data": {"val_fraction": 1.0}}, "val_fraction"),
     ({"optim": {"schedule": "step"}}, "schedule"),
 ])
