@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cifarlab import checkpoint, distributed
+from cifarlab import checkpoint, distributed, memory
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.loader import EpochBatchSampler, build_train_loader
@@ -324,6 +324,9 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     if config.batch_size % world.size:
         raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
                         f"evenly over {world.size} processes; change --batch-size")
+    # Before the data is read: the class count (10 here) hardly changes the estimate.
+    memory.check_fits(config.model.name, 10, config.model.width,
+                      max(1, config.batch_size // world.size), device)
     try:
         return _fit(config, resume, device, world)
     finally:
