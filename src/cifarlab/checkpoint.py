@@ -7,6 +7,7 @@ A checkpoint is a plain dict of tensors and built-in types, so it loads with
     model_args         {"name", "num_classes", "width"} for `create_model`
     classes, mean, std what prediction needs: class names and the normalisation
     config             the run's resolved config (Config.to_dict())
+    run_id             the id of the run folder it was written into (its `run_id` file)
     epoch, val_acc     the epoch (1-based) it was taken after, and its validation accuracy
     train_state        last.pt only: optimizer, scheduler, scaler, early stopping, RNG states
 """
@@ -17,6 +18,7 @@ import os
 import pickle
 import re
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,8 @@ from cifarlab.models import create_model
 FORMAT = "cifarlab-checkpoint"
 VERSION = 1
 TMP_SUFFIX = ".tmp"
+# A run folder's id, written when the run starts; every checkpoint of the run carries it.
+RUN_ID_FILE = "run_id"
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -53,6 +57,27 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def read_run_id(folder: str | Path) -> str | None:
+    """The id in a run folder's `run_id` file; None when there is none (runs from before
+    run ids, or not a run folder)."""
+    try:
+        text = (Path(folder) / RUN_ID_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{Path(folder) / RUN_ID_FILE}: cannot read it ({e}); check the "
+                        "file") from None
+    return text or None
+
+
+def write_run_id(folder: str | Path, run_id: str) -> None:
+    write_atomic(Path(folder) / RUN_ID_FILE, lambda f: f.write(f"{run_id}\n".encode()))
 
 
 def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
