@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,7 +240,7 @@ def parse_override(text: str) -> dict[str, Any]:
                         f"default; as a setting it would only rename the recipe); e.g. "
                         f"--preset {_nearest_preset(raw.strip())}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return nest(key.strip(), value)
@@ -274,12 +275,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Only true and false are booleans (as in YAML 1.2): YAML 1.1 also reads on, off, yes and no
+# as booleans, which turned `--set amp=off` into False. config.yaml quotes such strings.
+_BOOL = "tag:yaml.org,2002:bool"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
     """A YAML mapping of settings; errors name the file as `where` (default `--config PATH`)."""
     path = Path(path)
     where = where or f"--config {path}"
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (safe)
+        data = _read_yaml(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{where}: no such file") from None
     except IsADirectoryError:

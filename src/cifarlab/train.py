@@ -347,9 +347,6 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     if config.batch_size % world.size:
         raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
                         f"evenly over {world.size} processes; change --batch-size")
-    # Before the data is read: the class count (10 here) hardly changes the estimate.
-    memory.check_fits(config.model.name, 10, config.model.width,
-                      max(1, config.batch_size // world.size), device)
     try:
         return _fit(config, resume, device, world)
     finally:
@@ -376,6 +373,10 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     if state is not None and state["classes"] != splits.classes:
         raise UserError(f"--resume {run_dir}: the data's classes {splits.classes} differ from "
                         f"the run's {state['classes']}")
+    # Before the model is built: a model too large for the memory is refused, not allocated.
+    per_rank = -(-len(splits.train.labels) // world.size)
+    memory.check_fits(config.model.name, len(splits.classes), config.model.width,
+                      min(config.batch_size // world.size, per_rank), device)
     seed_everything(config.seed)
     model = create_model(
         config.model.name, num_classes=len(splits.classes), width=config.model.width
