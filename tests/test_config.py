@@ -69,7 +69,7 @@ def test_bad_overrides_name_the_problem(text, message):
 
 @pytest.mark.parametrize("update, message", [
     ({"epochs": 0}, "epochs"),
-    ({"amp": "fp8"}, "amp must be one of"),
+    ({"amp": "fp8"}, "'amp' must be one of"),
     ({"data": {"val_fraction": 1.0}}, "val_fraction"),
     ({"optim": {"schedule": "step"}}, "schedule"),
 ])
@@ -98,3 +98,30 @@ def test_load_yaml_errors(tmp_path):
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown preset 'fastest'"):
         get_preset("fastest")
+
+
+def test_validate_names_the_rule_and_a_valid_value():
+    with pytest.raises(UserError, match=r"'optim.momentum' must be a number in \[0, 1\), got nan; "
+                                        r"e.g. --set optim.momentum=0.9"):
+        cfg.apply_dict(seed(), {"optim": {"momentum": float("nan")}}).validate()
+    with pytest.raises(UserError, match="nesterov=true needs optim.momentum > 0"):
+        cfg.apply_dict(seed(), {"optim": {"momentum": 0.0, "nesterov": True}}).validate()
+    with pytest.raises(UserError, match="leaves no validation images"):
+        cfg.apply_dict(seed(), {"data": {"limit": 20, "val_fraction": 0.01}}).validate()
+    for make in (seed, baseline, fast):
+        assert make().validate() == make()
+
+
+def test_load_yaml_refuses_duplicate_keys_and_keeps_on_off_as_words(tmp_path):
+    (tmp_path / "dup.yaml").write_text("amp: 'off'\ndata:\n  limit: 100\n  limit: 200\n")
+    with pytest.raises(UserError, match=r"key 'limit' appears twice \(lines 3 and 4\)"):
+        cfg.load_yaml(tmp_path / "dup.yaml")
+    (tmp_path / "words.yaml").write_text("amp: off\ncompile: off\ntta_flip: true\n")
+    assert cfg.load_yaml(tmp_path / "words.yaml") == {"amp": "off", "compile": "off",
+                                                      "tta_flip": True}
+    assert cfg.parse_override("amp=off") == {"amp": "off"}
+
+
+def test_set_preset_is_refused():
+    with pytest.raises(UserError, match="--preset baseline"):
+        cfg.parse_override("preset=baselin")

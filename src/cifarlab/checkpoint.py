@@ -7,6 +7,7 @@ A checkpoint is a plain dict of tensors and built-in types, so it loads with
     model_args         {"name", "num_classes", "width"} for `create_model`
     classes, mean, std what prediction needs: class names and the normalisation
     config             the run's resolved config (Config.to_dict())
+    run_id             the id of the run folder it was written into (its `run_id` file)
     epoch, val_acc     the epoch (1-based) it was taken after, and its validation accuracy
     train_state        last.pt only: optimizer, scheduler, scaler, early stopping, RNG states
 """
@@ -14,7 +15,11 @@ A checkpoint is a plain dict of tensors and built-in types, so it loads with
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +33,8 @@ from cifarlab.models import create_model
 FORMAT = "cifarlab-checkpoint"
 VERSION = 1
 TMP_SUFFIX = ".tmp"
+# A run folder's id, written when the run starts; every checkpoint of the run carries it.
+RUN_ID_FILE = "run_id"
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -52,6 +59,27 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.close(dir_fd)
 
 
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def read_run_id(folder: str | Path) -> str | None:
+    """The id in a run folder's `run_id` file; None when there is none (runs from before
+    run ids, or not a run folder)."""
+    try:
+        text = (Path(folder) / RUN_ID_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{Path(folder) / RUN_ID_FILE}: cannot read it ({e}); check the "
+                        "file") from None
+    return text or None
+
+
+def write_run_id(folder: str | Path, run_id: str) -> None:
+    write_atomic(Path(folder) / RUN_ID_FILE, lambda f: f.write(f"{run_id}\n".encode()))
+
+
 def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
     write_atomic(path, lambda f: torch.save(payload, f))
 
@@ -64,17 +92,75 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
     return leftovers
 
 
+def in_run_folder(path: str | Path) -> Path:
+    """`path` itself, or for a run folder its best.pt (UserError when it has none)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    best = path / "best.pt"
+    if not best.is_file():
+        raise UserError(f"checkpoint {path}: a folder without best.pt; give a run folder that "
+                        "has finished an epoch, or a checkpoint file (.pt)")
+    return best
+
+
+# The first bytes of files that are often passed by mistake.
+_SIGNATURES = [
+    (b"\x89PNG\r\n\x1a\n", "it starts like a PNG image"),
+    (b"\xff\xd8\xff", "it starts like a JPEG image"),
+    (b"GIF8", "it starts like a GIF image"),
+    (b"%PDF", "it starts like a PDF document"),
+    (b"\x1f\x8b", "it starts like a gzip file"),
+    (b"\x93NUMPY", "it starts like a NumPy .npy file"),
+    (b"\x89HDF", "it starts like an HDF5 file"),
+]
+
+
+def _sniff(path: Path) -> str | None:
+    """Why the file cannot be a checkpoint, judged by its first bytes; None if it may be."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "empty file"
+    for signature, kind in _SIGNATURES:
+        if head.startswith(signature):
+            return f"not a PyTorch checkpoint file ({kind})"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's format: a zip archive
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return "truncated or damaged zip archive"
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "a zip archive, but not a PyTorch checkpoint (no data.pkl inside)"
+        return None
+    if head.startswith(b"\x80"):  # a pickle: torch's legacy format
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = head[: e.start].decode("utf-8") if e.start > len(head) - 4 else None
+    if text is not None and "\0" not in text:
+        return "not a checkpoint (text file)"
+    return "not a PyTorch checkpoint file (unrecognised contents)"
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read a cifarlab checkpoint with weights_only=True; UserError if it is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path}: a folder, not a file; give a .pt file (or, to "
+                        "evaluate or predict, a run folder holding best.pt)")
     if not path.is_file():
         raise UserError(f"checkpoint {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        reason = _sniff(path)
+        ckpt = None if reason else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for foreign or damaged files
-        raise UserError(
-            f"checkpoint {path}: not a readable cifarlab checkpoint ({_reason(e)})"
-        ) from None
+        reason = _reason(e)
+    if reason:
+        raise UserError(f"checkpoint {path}: not a readable cifarlab checkpoint: {reason}; "
+                        "give a best.pt or last.pt written by cifarlab train")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"checkpoint {path}: not a cifarlab checkpoint (no '{FORMAT}' marker)")
     missing = {"model", "model_args", "classes", "mean", "std"} - set(ckpt)
@@ -89,12 +175,23 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def _reason(error: Exception) -> str:
-    """The informative line of torch.load's error: for a refused pickle, what it asked for."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line.removeprefix("WeightsUnpickler error:").strip()[:200]
-    return (lines[0] if lines else type(error).__name__)[:200]
+    """The informative part of torch.load's error, in words: for a refused pickle, what it
+    asked for. torch's advice to load with weights_only=False (running whatever code the
+    file holds) is never passed on."""
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    text = str(error)
+    wanted = re.search(r"GLOBAL ([\w.]+)", text)
+    if wanted:
+        return f"it asks to import {wanted.group(1)}, which a checkpoint never does; refused, " \
+               "nothing in it was run"
+    if isinstance(error, pickle.UnpicklingError) or "pickle" in type(error).__name__.lower():
+        return "damaged or foreign pickle data"
+    if "zip archive" in text or "PytorchStreamReader" in text:
+        return "truncated or damaged zip archive"
+    if isinstance(error, EOFError):
+        return "the file ends too early (truncated)"
+    return "damaged or foreign contents"
 
 
 def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:

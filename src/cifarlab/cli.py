@@ -2,12 +2,12 @@
 
     cifarlab train     [--preset NAME] [--config FILE] [--set KEY=VALUE ...] [flags]
     cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
-    cifarlab evaluate  CHECKPOINT --data SPEC [--json]
+    cifarlab evaluate  CHECKPOINT|RUN_DIR --data SPEC [--json]
     cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
     cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
     cifarlab report    RUN [--against RUN]
-    cifarlab predict   CHECKPOINT IMAGE [IMAGE ...] [--topk K] [--json]
+    cifarlab predict   CHECKPOINT|RUN_DIR IMAGE [IMAGE ...] [--topk K] [--json]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the resolved settings as YAML and exit")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a checkpoint on some data")
-    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
     evaluate.add_argument("--data", required=True, metavar="SPEC",
                           help="images to score (a source's test split when it has one)")
     evaluate.add_argument("--data-root", default="data")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="classes and probabilities for image files",
         description="Each image is converted to RGB, its shorter side resized to 32 pixels "
                     "(bicubic, antialiased) and its centre cropped to 32x32.")
-    predict.add_argument("checkpoint")
+    predict.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
     predict.add_argument("--topk", type=int, default=3,
                          help="how many of the most probable classes to show (default 3; "
@@ -194,8 +194,7 @@ def launch_torchrun(args: argparse.Namespace, config: cfg.Config, argv: list[str
 
     from cifarlab.train import run_dir_for
 
-    if args.gpus < 1:
-        raise UserError("--gpus must be at least 1")
+    check_range("--gpus", args.gpus, 1, None, 1)
     if config.device != "cpu" and torch.cuda.device_count() < args.gpus:
         raise UserError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are "
                         "visible; lower --gpus (or use --device cpu for CPU processes)")
@@ -221,13 +220,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_range(flag: str, value: int, low: int, high: int | None, example: int) -> None:
+    """A command's numeric flag in [low, high]: UserError naming it and a valid value."""
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise UserError(f"{flag} {value}: must be {bounds}; e.g. {flag} {example}")
+
+
+def checkpoint_file(given: str) -> Path:
+    """The checkpoint a command reads: the file given, or a run folder's best.pt (said on
+    stderr, so that the output stays the command's own)."""
+    path = checkpoint.in_run_folder(given)
+    if path != Path(given):
+        print(f"using {path}", file=sys.stderr)
+    return path
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cifarlab.data.sources import load_source
     from cifarlab.evaluate import evaluate
     from cifarlab.train import resolve_device
 
-    ckpt = checkpoint.load(args.checkpoint)
-    model = checkpoint.build_model(ckpt, args.checkpoint)
+    check_range("--batch-size", args.batch_size, 1, None, 1024)
+    path = checkpoint_file(args.checkpoint)
+    ckpt = checkpoint.load(path)
+    model = checkpoint.build_model(ckpt, path)
     source = load_source(args.data, args.data_root)
     data = source.test if source.test is not None else source.train
     if data.classes != ckpt["classes"]:
@@ -241,7 +258,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({"images": int(len(data.labels)), "acc": result.acc,
                           "per_class_acc": per_class, "loss": result.loss}, indent=2))
         return 0
-    print(f"{args.checkpoint}: {result.acc:.2f}% of {len(data.labels):,} images correct")
+    print(f"{path}: {result.acc:.2f}% of {len(data.labels):,} images correct")
     for name, acc in per_class.items():
         print(f"  {name:<16} {acc:6.2f}%")
     return 0
@@ -250,6 +267,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from cifarlab.profile import profile_model
 
+    check_range("--width", args.width, 1, cfg.MAX_WIDTH, 64)
+    check_range("--classes", args.classes, 2, None, 10)
     profile = profile_model(args.model, classes=args.classes, width=args.width)
     if args.json:
         fields: dict[str, Any] = asdict(profile)
@@ -304,7 +323,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cifarlab.predict import predict_files
     from cifarlab.train import resolve_device
 
-    results = predict_files(args.checkpoint, args.images, topk=args.topk,
+    check_range("--topk", args.topk, 1, None, 3)
+    results = predict_files(checkpoint_file(args.checkpoint), args.images, topk=args.topk,
                             device=resolve_device(args.device))
     if args.json:
         print(json.dumps([{"image": r.image, "predictions": [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,29 +113,8 @@ class Config:
     name: str | None = None  # run folder name; default <preset>-<timestamp>
 
     def validate(self) -> Config:
-        """Raise UserError on values no run could use; return self."""
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.patience >= 0, "patience must be >= 0 (0 disables early stopping)"),
-            (0 < self.stop_grace < float("inf"), "stop_grace must be a number of seconds > 0"),
-            (self.amp in AMP_MODES, f"amp must be one of {', '.join(AMP_MODES)}"),
-            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
-            (self.compile in COMPILE_MODES,
-             f"compile must be one of {', '.join(COMPILE_MODES)}"),
-            (self.optim.schedule in SCHEDULES,
-             f"optim.schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.optim.lr > 0, "optim.lr must be > 0"),
-            (self.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
-            (0 <= self.optim.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)"),
-            (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
-            (self.data.loader in LOADERS, f"data.loader must be one of {', '.join(LOADERS)}"),
-            (self.data.limit is None or self.data.limit >= 20, "data.limit must be >= 20"),
-            (self.model.width >= 1, "model.width must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"invalid setting: {message}")
+        """Raise UserError on values no run could use (see RULES); return self."""
+        validate(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,11 +238,59 @@ def parse_override(text: str) -> dict[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.05")
+    if key.strip() == "preset":
+        raise UserError(f"--set {text}: the preset is chosen with --preset (it sets every "
+                        f"default; as a setting it would only rename the recipe); e.g. "
+                        f"--preset {_nearest_preset(raw.strip())}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return nest(key.strip(), value)
+
+
+def _nearest_preset(name: str) -> str:
+    close = difflib.get_close_matches(name, _presets(), n=1, cutoff=0.4)
+    return close[0] if close else "seed"
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping holding one key twice (plain YAML keeps the
+    last one without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen.setdefault(key, line)
+            except TypeError:  # an unhashable key; SafeLoader says what is wrong with it
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"key '{key}' appears twice (lines {first} and {line}); "
+                                    "keep one of them")
+        return super().construct_mapping(node, deep=deep)
+
+
+# Only true and false are booleans (as in YAML 1.2): YAML 1.1 also reads on, off, yes and no
+# as booleans, which turned `--set amp=off` into False. config.yaml quotes such strings.
+_BOOL = "tag:yaml.org,2002:bool"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
 
 
 def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
@@ -270,9 +298,13 @@ def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
     path = Path(path)
     where = where or f"--config {path}"
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _read_yaml(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a folder; give a YAML file of settings") from None
+    except _DuplicateKey as e:
+        raise UserError(f"{where}: {e}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0]
         raise UserError(f"{where}: not a readable YAML file ({reason})") from None
@@ -286,3 +318,239 @@ def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> Config:
     """A config saved by `Config.save` (or a checkpoint) back into a Config."""
     return apply_dict(Config(), data)
+
+
+# --------------------------------------------------------------------------------- the rules
+#
+# What each setting accepts, in one table: `validate` checks a resolved Config against it
+# (types are checked earlier, by `_coerce`, as the settings are read). Every float must be
+# finite, whatever its rule says.
+
+SEED_MAX = 2**32 - 1  # numpy's and Python's generators take seeds in [0, 2**32 - 1]
+MAX_WIDTH = 1_000_000  # far beyond any machine; the memory check (memory.py) says more
+MAX_COUNT = 1_000_000  # epochs, patience, batch size: larger is always a typo
+
+
+def _show(value: Any) -> str:
+    """A value as it is typed after --set (YAML): 2.0 -> 2, (0.1, 0.2) -> [0.1,0.2]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or value == value and abs(value) != float("inf")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one setting accepts. `describe` completes "must be ..."; `nearest(value,
+    default)` is a valid value close to a refused one, for the message."""
+
+    describe: str | typing.Callable[[], str]
+    ok: typing.Callable[[Any], bool]
+    nearest: typing.Callable[[Any, Any], Any]
+
+    def text(self) -> str:
+        return self.describe() if callable(self.describe) else self.describe
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False, what: str | None = None, integer: bool = False) -> Rule:
+    """A number in an interval (closed unless `lo_open` / `hi_open`); finite."""
+    show = _show
+
+    kind = what or ("an integer" if integer else "a number")
+    if lo is not None and hi is not None:
+        text = (f"{kind} in {'(' if lo_open else '['}{show(lo)}, {show(hi)}"
+                f"{')' if hi_open else ']'}")
+    elif lo is not None:
+        text = f"{kind} {'>' if lo_open else '>='} {show(lo)}"
+    else:
+        text = kind
+
+    def ok(v: float) -> bool:
+        return _finite(v) and not (
+            lo is not None and (v <= lo if lo_open else v < lo)
+            or hi is not None and (v >= hi if hi_open else v > hi))
+
+    def nearest(v: float, default: Any) -> Any:
+        if v != v:  # NaN: no nearest value; the seed recipe's
+            return default
+        if lo is not None and v <= lo:
+            return lo if not lo_open else default
+        if hi is not None and v >= hi:
+            return hi if not hi_open else default
+        return default
+
+    return Rule(text, ok, nearest)
+
+
+def integer(lo: int, hi: int, what: str | None = None) -> Rule:
+    return number(lo, hi, integer=True, what=what)
+
+
+def choice(values: typing.Callable[[], typing.Sequence[str]] | typing.Sequence[str]) -> Rule:
+    """One of some words (a callable is asked when checking: registries fill up late)."""
+    def allowed() -> list[str]:
+        return list(values() if callable(values) else values)
+
+    def nearest(v: Any, default: Any) -> Any:
+        close = difflib.get_close_matches(str(v), allowed(), n=1, cutoff=0.4)
+        return close[0] if close else default
+
+    return Rule(lambda: f"one of {', '.join(allowed())}", lambda v: v in allowed(), nearest)
+
+
+def ordered_pair(lo: float, hi: float | None, *, lo_open: bool = False, what: str) -> Rule:
+    """Two numbers, the lower first, each in the interval."""
+    one = number(lo, hi, lo_open=lo_open)
+
+    def ok(v: tuple) -> bool:
+        return all(one.ok(x) for x in v) and v[0] <= v[1]
+
+    def nearest(v: tuple, default: Any) -> Any:
+        fixed = [x if one.ok(x) else one.nearest(x, d) for x, d in zip(v, default, strict=True)]
+        return tuple(sorted(fixed))
+
+    return Rule(f"{what}, the lower first, each {one.text().removeprefix('a number ')}",
+                ok, nearest)
+
+
+TEXT = Rule("a non-empty text", lambda v: bool(str(v).strip()), lambda v, d: d)
+ANY = Rule("", lambda v: True, lambda v, d: d)  # bools: the type check is all there is
+
+
+def _folder_name(v: str) -> bool:
+    return (v is None or v.strip() == v and v not in ("", ".", "..")
+            and not any(c in v for c in "/\\\0") and len(v.encode()) <= 255)
+
+
+RUN_NAME = Rule(
+    "one folder name (no '/', not '.' or '..', not empty; the run folder is <out>/<name>)",
+    _folder_name,
+    lambda v, d: ("-".join(p for p in str(v).replace("\\", "/").split("/")
+                           if p.strip(". ")) or "my-run").strip(),
+)
+
+
+def _presets() -> list[str]:
+    from cifarlab.presets import PRESETS
+
+    return list(PRESETS)
+
+
+def _models() -> list[str]:
+    from cifarlab.models import MODELS
+
+    return list(MODELS)
+
+
+PROBABILITY = number(0, 1, what="a probability")
+JITTER = number(0, 1, what="a jitter strength")
+SEED = integer(0, SEED_MAX, what="a seed")
+
+RULES: dict[str, Rule] = {
+    "preset": choice(_presets),
+    "data.source": TEXT,
+    "data.test_source": TEXT,
+    "data.root": TEXT,
+    "data.val_fraction": number(0, 1, lo_open=True, hi_open=True, what="a fraction"),
+    "data.split_seed": SEED,
+    "data.limit": integer(20, 10**9, what="a number of images"),
+    "data.resize": ANY,
+    "data.loader": choice(LOADERS),
+    "data.workers": integer(-1, 256, what="a number of worker processes (-1: automatic)"),
+    "data.augment.hflip": PROBABILITY,
+    "data.augment.rotate_degrees": number(0, 180, what="an angle in degrees"),
+    "data.augment.brightness": JITTER,
+    "data.augment.contrast": JITTER,
+    "data.augment.saturation": JITTER,
+    "data.augment.hue": number(0, 0.5, what="a hue shift"),
+    "data.augment.crop_padding": integer(0, 32, what="a padding in pixels"),
+    "data.augment.translate": number(0, 1, what="a fraction of the image size"),
+    "data.augment.erase_p": PROBABILITY,
+    "data.augment.erase_scale": ordered_pair(0, 1, what="two fractions of the image area"),
+    "data.augment.erase_ratio": ordered_pair(0, None, lo_open=True,
+                                             what="two aspect ratios"),
+    "model.name": choice(_models),
+    "model.width": integer(1, MAX_WIDTH, what="a number of channels"),
+    "optim.lr": number(0, lo_open=True, what="a learning rate"),
+    "optim.momentum": number(0, 1, hi_open=True),
+    "optim.weight_decay": number(0, 1),
+    "optim.nesterov": ANY,
+    "optim.label_smoothing": number(0, 1, hi_open=True),
+    "optim.schedule": choice(SCHEDULES),
+    "optim.warmup_epochs": number(0, MAX_COUNT, what="a number of epochs"),
+    "epochs": integer(1, MAX_COUNT),
+    "batch_size": integer(1, MAX_COUNT),
+    "tta_flip": ANY,
+    "patience": integer(0, MAX_COUNT, what="a number of epochs (0: no early stopping)"),
+    "amp": choice(AMP_MODES),
+    "device": choice(DEVICES),
+    "compile": choice(COMPILE_MODES),
+    "seed": SEED,
+    "deterministic": ANY,
+    "stop_grace": number(0, MAX_COUNT, lo_open=True, what="a number of seconds"),
+    "sync_batchnorm": ANY,
+    "out": TEXT,
+    "name": RUN_NAME,
+}
+
+
+def _limit_leaves_validation(c: Config) -> str | None:
+    if c.data.limit is None:
+        return None
+    n_val = round(c.data.limit * c.data.val_fraction)
+    if 1 <= n_val < c.data.limit:
+        return None
+    return (f"data.val_fraction={_show(c.data.val_fraction)} of data.limit={c.data.limit} "
+            f"images leaves {'no validation' if n_val < 1 else 'no training'} images; "
+            "e.g. --set data.val_fraction=0.1, or a larger --limit")
+
+
+# Rules that tie settings together: each returns the message, or None when the config is fine.
+CROSS_RULES: list[typing.Callable[[Config], str | None]] = [
+    lambda c: None if not c.optim.nesterov or c.optim.momentum > 0 else (
+        "optim.nesterov=true needs optim.momentum > 0, got 0; e.g. --set optim.momentum=0.9, "
+        "or --set optim.nesterov=false"),
+    lambda c: None if not (c.sync_batchnorm and c.device == "cpu") else (
+        "sync_batchnorm=true needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU version); "
+        "e.g. --set sync_batchnorm=false"),
+    _limit_leaves_validation,
+]
+
+
+def get(config: Config, key: str) -> Any:
+    """The value of a dotted key, e.g. get(config, "optim.lr")."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(config: Config) -> None:
+    """Raise UserError naming the first setting that no run could use, what it must be
+    and a valid value close to it."""
+    default = Config()
+    for key in settings():
+        value = get(config, key)
+        rule = RULES.get(key, ANY)
+        if value is None:  # the type allows None (checked when read): default behaviour
+            continue
+        values = value if isinstance(value, tuple) else (value,)
+        if rule.ok(value) and all(_finite(v) for v in values):
+            continue
+        fix = rule.nearest(value, get(default, key))
+        what = rule.text() or "finite"
+        got = repr(value) if isinstance(value, str) else _show(value)
+        raise UserError(f"setting '{key}' must be {what}, got {got}; "
+                        f"e.g. --set {key}={_show(fix)}")
+    for cross in CROSS_RULES:
+        message = cross(config)
+        if message:
+            raise UserError(message)

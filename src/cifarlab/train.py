@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cifarlab import checkpoint, distributed
+from cifarlab import checkpoint, distributed, memory
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.loader import EpochBatchSampler, build_train_loader
@@ -158,6 +158,7 @@ def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
     state = checkpoint.load(path)
     if "train_state" not in state:
         raise UserError(f"--resume {run_dir}: last.pt holds no training state")
+    check_same_run(run_dir, state.get("run_id"))
     args = state["model_args"]
     if (args["name"], args["width"]) != (config.model.name, config.model.width):
         raise UserError(f"--resume {run_dir}: last.pt holds {args['name']} width "
@@ -170,6 +171,26 @@ def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
                         f"{', stopped early' if stopper.should_stop else ''}); to train longer "
                         "raise --epochs (and --set patience=...) with --allow-changes")
     return state
+
+
+def check_same_run(run_dir: Path, ckpt_id: str | None) -> None:
+    """Refuse a last.pt that another run wrote (copied in from elsewhere), --allow-changes or
+    not. A folder and checkpoint that both lack an id are a run from before run ids: it
+    resumes and gets an id then."""
+    folder_id = checkpoint.read_run_id(run_dir)
+    path = run_dir / "last.pt"
+    if folder_id == ckpt_id:
+        return
+    if folder_id is None:
+        raise UserError(f"{path} belongs to run {ckpt_id}, but {run_dir} has no "
+                        f"{checkpoint.RUN_ID_FILE} file; if it is this run's own checkpoint, "
+                        f"write its id there: echo {ckpt_id} > {run_dir / checkpoint.RUN_ID_FILE}")
+    if ckpt_id is None:
+        raise UserError(f"{path} carries no run id, so this run (id {folder_id}) did not write "
+                        "it; put back the run's own last.pt, or start a new run")
+    raise UserError(f"{path} belongs to another run (id {ckpt_id}; this folder is run "
+                    f"{folder_id}); put back the run's own last.pt, or start a new run with "
+                    f"--config {run_dir / 'config.yaml'} --name NEW_NAME")
 
 
 def seed_everything(seed: int) -> None:
@@ -261,6 +282,8 @@ def weights_payload(
 
 
 def save(payload: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint into its run folder, tagged with the folder's run id."""
+    payload["run_id"] = checkpoint.read_run_id(path.parent)
     try:
         checkpoint.save_atomic(payload, path)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
@@ -350,6 +373,10 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     if state is not None and state["classes"] != splits.classes:
         raise UserError(f"--resume {run_dir}: the data's classes {splits.classes} differ from "
                         f"the run's {state['classes']}")
+    # Before the model is built: a model too large for the memory is refused, not allocated.
+    per_rank = -(-len(splits.train.labels) // world.size)
+    memory.check_fits(config.model.name, len(splits.classes), config.model.width,
+                      min(config.batch_size // world.size, per_rank), device)
     seed_everything(config.seed)
     model = create_model(
         config.model.name, num_classes=len(splits.classes), width=config.model.width
@@ -366,6 +393,8 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
             log.info(f"removed {leftover.name}, left by an interrupted save")
         checkpoint.write_atomic(run_dir / "config.yaml",
                                 lambda f: f.write(config.to_yaml().encode()))
+        if checkpoint.read_run_id(run_dir) is None:  # a new run, or one from before run ids
+            checkpoint.write_run_id(run_dir, checkpoint.new_run_id())
         file_log = logging.FileHandler(run_dir / "train.log")
         log.addHandler(file_log)
     try:

@@ -280,6 +280,11 @@ def _load_archive(path: Path, resize: bool) -> SourceData:
             with tarfile.open(path, "r|*") as tar:
                 for m in tar:
                     parts = [p for p in m.name.split("/") if p not in ("", ".")]
+                    if m.name.startswith("/") or ".." in parts:
+                        where = "an absolute path" if m.name.startswith("/") else "'..' in it"
+                        raise UserError(f"--data {path}: member {m.name!r} has {where}, which "
+                                        "could point outside the data set; pack the archive "
+                                        "with paths relative to its top folder")
                     if not parts or _hidden(parts):
                         continue
                     if m.isdir():

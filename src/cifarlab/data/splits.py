@@ -84,6 +84,10 @@ def check_same_classes(train: ImageSet, test: ImageSet) -> None:
 def prepare_splits(config: DataConfig) -> Splits:
     source = load_source(config.source, config.root, resize=config.resize)
     train = source.train
+    if len(train.classes) < 2:
+        found = f"one class ({train.classes[0]!r})" if train.classes else "no classes"
+        raise UserError(f"--data {config.source}: {found}; a classifier needs images of at "
+                        "least two classes (one folder each)")
     if config.test_source == "auto":
         test = source.test
     elif config.test_source == "none":
