@@ -39,7 +39,7 @@ from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest
-from cifarlab.models import create_model
+from cifarlab.models import check_name, create_model, model_args
 from cifarlab.report import write_report
 from cifarlab.schedule import lr_factor
 from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled
@@ -159,10 +159,10 @@ def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
     if "train_state" not in state:
         raise UserError(f"--resume {run_dir}: last.pt holds no training state")
     args = state["model_args"]
-    if (args["name"], args["width"]) != (config.model.name, config.model.width):
-        raise UserError(f"--resume {run_dir}: last.pt holds {args['name']} width "
-                        f"{args['width']}, the config asks for {config.model.name} width "
-                        f"{config.model.width}")
+    wanted = model_args(config.model.name, args["num_classes"], config.model.width)
+    if args != wanted:
+        raise UserError(f"--resume {run_dir}: last.pt holds {_describe(args)}, the config asks "
+                        f"for {_describe(wanted)}")
     epoch, _ = state["train_state"]["position"]
     stopper = EarlyStopping(**state["train_state"]["early_stopping"])
     if epoch > config.epochs or stopper.should_stop:
@@ -170,6 +170,12 @@ def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
                         f"{', stopped early' if stopper.should_stop else ''}); to train longer "
                         "raise --epochs (and --set patience=...) with --allow-changes")
     return state
+
+
+def _describe(args: dict[str, Any]) -> str:
+    """`resnet18 width 64`, `resnet20 channels [16, 32, 64]`: a model and its arguments."""
+    arch = [f"{k} {v}" for k, v in args.items() if k not in ("name", "num_classes")]
+    return " ".join([args["name"], *arch])
 
 
 def seed_everything(seed: int) -> None:
@@ -246,11 +252,7 @@ def weights_payload(
         "format": checkpoint.FORMAT,
         "version": checkpoint.VERSION,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_args": {
-            "name": config.model.name,
-            "num_classes": len(splits.classes),
-            "width": config.model.width,
-        },
+        "model_args": model_args(config.model.name, len(splits.classes), config.model.width),
         "classes": list(splits.classes),
         "mean": list(splits.mean),
         "std": list(splits.std),
@@ -313,6 +315,7 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
     cannot go on, TrainingInterrupted after a SIGINT/SIGTERM (with last.pt saved).
     """
     config.validate()
+    check_name(config.model.name)
     device = resolve_device(config.device)
     world = distributed.init(device.type)
     if world.distributed and device.type == "cuda":
@@ -351,9 +354,7 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
         raise UserError(f"--resume {run_dir}: the data's classes {splits.classes} differ from "
                         f"the run's {state['classes']}")
     seed_everything(config.seed)
-    model = create_model(
-        config.model.name, num_classes=len(splits.classes), width=config.model.width
-    )
+    model = create_model(**model_args(config.model.name, len(splits.classes), config.model.width))
     check_disk_space(run_dir, model)
     distributed.barrier()  # every rank has checked the run folder before rank 0 creates it
 
