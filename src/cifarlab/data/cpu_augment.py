@@ -33,8 +33,12 @@ def train_transform(
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 NHWC batch -> float NCHW batch, normalised; the memory stays channels-last."""
-    x = images.permute(0, 3, 1, 2).float().div_(255)
+    """uint8 NHWC batch -> float NCHW batch, normalised. On CUDA the memory stays
+    channels-last; on the CPU it is made contiguous NCHW, the layout oneDNN's convolutions
+    are reliable with (channels-last input corrupts weight gradients of 1x1 stride-2
+    convolutions with few input channels)."""
+    x = images.permute(0, 3, 1, 2).float()
+    x = (x if x.is_cuda else x.contiguous()).div_(255)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return x.sub_(m).div_(s)
