@@ -363,7 +363,10 @@ class BatchAugment:
             x = color_jitter(x, params.jitter)
         if params.crop is not None or params.translate is not None:
             x = crop_translate(x, params.crop, params.translate, self.aug.crop_padding)
-        x = normalize(x.contiguous(memory_format=torch.channels_last), self.mean, self.std)
+        # Channels-last for cuDNN; contiguous NCHW on the CPU, where oneDNN corrupts weight
+        # gradients of 1x1 stride-2 convolutions with channels-last input and few channels.
+        layout = torch.channels_last if x.is_cuda else torch.contiguous_format
+        x = normalize(x.contiguous(memory_format=layout), self.mean, self.std)
         return erase(x, params.erase) if params.erase is not None else x
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

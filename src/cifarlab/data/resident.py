@@ -28,7 +28,8 @@ def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 class ResidentLoader:
     """Both halves of the CPU path's (loader, sampler) pair: `set_epoch(epoch, start_step)`,
     then iterate `(x, y)` batches on the device (x normalised float32 (N, 3, H, W) in
-    channels-last memory, y int64); `len()` is the number of batches per epoch."""
+    channels-last memory on CUDA, contiguous on the CPU, y int64); `len()` is the number of
+    batches per epoch."""
 
     def __init__(
         self,
