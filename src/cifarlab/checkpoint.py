@@ -4,7 +4,9 @@ A checkpoint is a plain dict of tensors and built-in types, so it loads with
 `weights_only=True` (no code can run when it is read):
     format, version    "cifarlab-checkpoint", 1
     model              state dict of the unwrapped model
-    model_args         {"name", "num_classes", "width"} for `create_model`
+    model_args         {"name", "num_classes", **arch_args}: `create_model`'s arguments
+                       (plain types; older checkpoints hold {"name", "num_classes",
+                       "width"}, which are a ResNet-18's arguments still)
     classes, mean, std what prediction needs: class names and the normalisation
     config             the run's resolved config (Config.to_dict())
     run_id             the id of the run folder it was written into (its `run_id` file)
@@ -200,7 +202,11 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> nn.Mod
     if len(ckpt["classes"]) != args["num_classes"]:
         raise UserError(f"checkpoint {path}: {len(ckpt['classes'])} class names for "
                         f"{args['num_classes']} outputs")
-    model = create_model(args["name"], num_classes=args["num_classes"], width=args["width"])
+    try:
+        model = create_model(**args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {path}: cannot build {args['name']} from its model "
+                        f"arguments ({str(e).splitlines()[0]})") from None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -4,6 +4,7 @@
     cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
     cifarlab evaluate  CHECKPOINT|RUN_DIR --data SPEC [--json]
     cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
+    cifarlab models    [--classes N] [--width W] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
     cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
     cifarlab report    RUN [--against RUN]
@@ -38,6 +39,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "loader": ("data.loader", str, "auto, torchvision (per image, CPU workers) or resident "
                "(data set on the device, augmented per batch there)"),
     "workers": ("data.workers", int, "DataLoader worker processes (-1: automatic)"),
+    "model": ("model.name", str, "architecture (default resnet18); cifarlab models lists them"),
     "epochs": ("epochs", int, "maximum number of epochs"),
     "batch_size": ("batch_size", int, "images per optimizer step"),
     "lr": ("optim.lr", float, "peak learning rate"),
@@ -49,6 +51,10 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "out": ("out", str, "folder of run folders (default runs)"),
     "name": ("name", str, "run folder name (default <preset>-<timestamp>)"),
 }
+
+
+WIDTH_HELP = ("model.width: 64 is each model's published width, W scales its channels by "
+              "W/64 (a ResNet-18's base width is W)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -93,10 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON")
 
     summary = commands.add_parser("summary", help="layer table, parameters, MACs and FLOPs")
-    summary.add_argument("--model", default="resnet18")
-    summary.add_argument("--width", type=int, default=64)
+    summary.add_argument("--model", default="resnet18", help="a name cifarlab models lists")
+    summary.add_argument("--width", type=int, default=64, help=WIDTH_HELP)
     summary.add_argument("--classes", type=int, default=10)
     summary.add_argument("--json", action="store_true", help="print JSON")
+
+    models = commands.add_parser(
+        "models", help="every model --model accepts, with parameters and MACs",
+        description="Parameters and multiply-accumulates per 32x32 image of each model.")
+    models.add_argument("--classes", type=int, default=10)
+    models.add_argument("--width", type=int, default=64, help=WIDTH_HELP)
+    models.add_argument("--json", action="store_true", help="print JSON")
 
     plot = commands.add_parser(
         "plot", help="the 2x2 figure: loss, accuracy, learning rate, validation accuracy",
@@ -286,6 +299,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from cifarlab.profile import model_sizes
+
+    sizes = model_sizes(classes=args.classes, width=args.width)
+    if args.json:
+        print(json.dumps([asdict(s) for s in sizes], indent=2))
+        return 0
+    print(f"{'model':<16} {'parameters':>12} {'MACs (M)':>10}   "
+          f"({args.classes} classes, width {args.width}, 32x32 images)")
+    for s in sizes:
+        print(f"{s.model:<16} {s.params:>12,} {s.macs / 1e6:>10.1f}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from cifarlab.plots import curves_figure, save_figure
     from cifarlab.runs import read_runs
@@ -339,7 +366,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
-            "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
+            "models": cmd_models, "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
             "predict": cmd_predict}
 
 

@@ -70,8 +70,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"
-    width: int = 64  # channels of the first stage; 64 is the standard ResNet-18
+    name: str = "resnet18"  # a registered model (`cifarlab models` lists them)
+    width: int = 64  # ResNet-18's base channels; other models scale by width / 64 (models/)
 
 
 @dataclass

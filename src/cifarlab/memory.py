@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cifarlab.errors import UserError
-from cifarlab.models import create_model
+from cifarlab.models import create_model, model_args
 
 
 @dataclass
@@ -31,7 +31,7 @@ class TrainingMemory:
 def estimate(name: str, num_classes: int, width: int, batch: int) -> TrainingMemory:
     """Memory to train `name` at `width` on batches of `batch` 32x32 images (float32)."""
     with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes, width=width).train()
+        model = create_model(**model_args(name, num_classes, width)).train()
         x = torch.empty(batch, 3, 32, 32)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())

@@ -17,7 +17,7 @@ import torchinfo
 from torch.utils.flop_counter import FlopCounterMode
 from torchinfo.enums import Units
 
-from cifarlab.models import create_model
+from cifarlab.models import BASE_WIDTH, MODELS, create_model, model_args
 
 
 @dataclass
@@ -52,9 +52,12 @@ def _table(stats: torchinfo.ModelStatistics) -> str:
     return table
 
 
-def profile_model(name: str = "resnet18", classes: int = 10, width: int = 64) -> ModelProfile:
+def profile_model(
+    name: str = "resnet18", classes: int = 10, width: int = BASE_WIDTH
+) -> ModelProfile:
+    """`width`: the config's model.width (64: the model's published width)."""
     with torch.device("meta"):
-        model = create_model(name, num_classes=classes, width=width)
+        model = create_model(**model_args(name, classes, width))
         # Batch of 2: BatchNorm needs more than one value per channel in training mode.
         x = torch.randn(2, 3, 32, 32)
     stats = torchinfo.summary(
@@ -78,3 +81,23 @@ def profile_model(name: str = "resnet18", classes: int = 10, width: int = 64) ->
         weights_mb=(params + buffers) / 1e6,
         table=_table(stats),
     )
+
+
+@dataclass
+class ModelSize:
+    model: str
+    params: int
+    macs: int  # multiply-accumulates per 32x32 image, forward
+
+
+def model_sizes(classes: int = 10, width: int = BASE_WIDTH) -> list[ModelSize]:
+    """Parameters and MACs of every registered model, in registration order (meta device)."""
+    sizes = []
+    for name in MODELS:
+        with torch.device("meta"):
+            model = create_model(**model_args(name, classes, width))
+        stats = torchinfo.summary(
+            model, input_size=(1, 3, 32, 32), verbose=0, device="meta", mode="eval"
+        )
+        sizes.append(ModelSize(name, stats.total_params, stats.total_mult_adds))
+    return sizes

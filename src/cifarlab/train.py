@@ -39,7 +39,7 @@ from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest, heartbeat
-from cifarlab.models import create_model
+from cifarlab.models import create_model, model_args
 from cifarlab.report import write_report
 from cifarlab.schedule import lr_factor
 from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled, memory_format
@@ -160,10 +160,10 @@ def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
         raise UserError(f"--resume {run_dir}: last.pt holds no training state")
     check_same_run(run_dir, state.get("run_id"))
     args = state["model_args"]
-    if (args["name"], args["width"]) != (config.model.name, config.model.width):
-        raise UserError(f"--resume {run_dir}: last.pt holds {args['name']} width "
-                        f"{args['width']}, the config asks for {config.model.name} width "
-                        f"{config.model.width}")
+    wanted = model_args(config.model.name, args["num_classes"], config.model.width)
+    if args != wanted:
+        raise UserError(f"--resume {run_dir}: last.pt holds {_describe(args)}, the config asks "
+                        f"for {_describe(wanted)}")
     epoch, _ = state["train_state"]["position"]
     stopper = EarlyStopping(**state["train_state"]["early_stopping"])
     if epoch > config.epochs or stopper.should_stop:
@@ -191,6 +191,12 @@ def check_same_run(run_dir: Path, ckpt_id: str | None) -> None:
     raise UserError(f"{path} belongs to another run (id {ckpt_id}; this folder is run "
                     f"{folder_id}); put back the run's own last.pt, or start a new run with "
                     f"--config {run_dir / 'config.yaml'} --name NEW_NAME")
+
+
+def _describe(args: dict[str, Any]) -> str:
+    """`resnet18 width 64`, `resnet20 channels [16, 32, 64]`: a model and its arguments."""
+    arch = [f"{k} {v}" for k, v in args.items() if k not in ("name", "num_classes")]
+    return " ".join([args["name"], *arch])
 
 
 def seed_everything(seed: int) -> None:
@@ -267,11 +273,7 @@ def weights_payload(
         "format": checkpoint.FORMAT,
         "version": checkpoint.VERSION,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_args": {
-            "name": config.model.name,
-            "num_classes": len(splits.classes),
-            "width": config.model.width,
-        },
+        "model_args": model_args(config.model.name, len(splits.classes), config.model.width),
         "classes": list(splits.classes),
         "mean": list(splits.mean),
         "std": list(splits.std),
@@ -378,9 +380,7 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     memory.check_fits(config.model.name, len(splits.classes), config.model.width,
                       min(config.batch_size // world.size, per_rank), device)
     seed_everything(config.seed)
-    model = create_model(
-        config.model.name, num_classes=len(splits.classes), width=config.model.width
-    )
+    model = create_model(**model_args(config.model.name, len(splits.classes), config.model.width))
     check_disk_space(run_dir, model)
     distributed.barrier()  # every rank has checked the run folder before rank 0 creates it
 

@@ -1,18 +1,19 @@
-"""Model registry: `create_model(name, num_classes=..., width=...)`."""
+"""CIFAR model zoo: `create_model(name, num_classes=..., **arch_args)` over one registry.
 
-from __future__ import annotations
+Each family lives in its own module and registers its models on import: resnet.py
+(ResNet-18/34/50, pre-activation ResNet-18), cifar_resnet.py (He et al.'s ResNet-20 ...
+110), wrn.py (wide ResNets), vgg.py, mobilenet.py (MobileNetV2), densenet.py.
+All take 32x32 inputs: 3x3 first convolution at stride 1, no max-pool in the stem.
+"""
 
-from collections.abc import Callable
+# Import order is registration order, the order `cifarlab models` lists them in.
+from cifarlab.models import resnet, cifar_resnet, wrn, vgg, mobilenet, densenet  # noqa: F401, I001
+from cifarlab.models.registry import (
+    BASE_WIDTH,
+    MODELS,
+    check_name,
+    create_model,
+    model_args,
+)
 
-from torch import nn
-
-from cifarlab.errors import UserError
-from cifarlab.models.resnet import resnet18
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18}
-
-
-def create_model(name: str, num_classes: int = 10, width: int = 64) -> nn.Module:
-    if name not in MODELS:
-        raise UserError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes, width=width)
+__all__ = ["BASE_WIDTH", "MODELS", "check_name", "create_model", "model_args"]
