@@ -1,4 +1,5 @@
 # Two entry points: `make train` and `make test`. Each creates .venv on first use.
+# `make test` runs one pytest worker per core (pytest-xdist; each test process uses one thread).
 VENV := .venv
 PYTHON ?= python3
 ARGS ?=
@@ -16,7 +17,7 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --dist worksteal
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench

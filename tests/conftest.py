@@ -3,6 +3,13 @@ prediction (tests/fake_runs.py writes made-up ones)."""
 
 from __future__ import annotations
 
+import os
+
+# One thread per test process (and the runs it starts): `make test` runs one pytest worker per
+# core, and the tiny models here train as fast on one thread as on two. Set before torch is
+# imported; a test that needs more threads sets OMP_NUM_THREADS for its subprocess itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest
