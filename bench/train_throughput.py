@@ -66,8 +66,8 @@ def throughput(path, data, mean, std, batch_size, device, amp, steps, workers, c
     """Images/s of train.py's step (TrainStep and its per-step StepFlags) on one data path.
     `blocking_flags` reads each step's flags at once instead, to measure what that costs."""
     torch.manual_seed(0)
-    model = create_model("resnet18", num_classes=10).to(device,
-                                                          memory_format=memory_format(device))
+    model = create_model("resnet18", num_classes=10)
+    model = model.to(device, memory_format=memory_format(device, model))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
                                 fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -20,19 +20,38 @@ from torch import nn
 from cifarlab import distributed
 from cifarlab.errors import UserError
 
+# oneDNN's largest vector block, in float32 channels: 8 with AVX2, 16 with AVX-512.
+ONEDNN_MAX_BLOCK = 16
 
-def memory_format(device: torch.device | str) -> torch.memory_format:
-    """The layout of image batches (and of the model) on `device`.
 
-    CUDA: channels-last, which cuDNN's fastest kernels want. CPU: contiguous NCHW, always.
-    oneDNN's weight gradient of a 1x1 stride-2 convolution (a ResNet shortcut) with
-    channels-last input and fewer input channels than its vector block (8 on AVX2, 16 on
-    AVX-512) hangs, crashes or is silently wrong (uxlfoundation/oneDNN#6035; measured with
-    AVX2 kernels on an AMD EPYC: 9 % to 99 % relative error at 2, 4, 6 and 7 input channels,
-    a hang or an abort at 3 and 5).
-    Narrow and pruned networks reach such channel counts; NCHW input takes other kernels.
+def channels_last_is_safe(model: nn.Module) -> bool:
+    """Whether `model` can train in channels-last memory on a CPU.
+
+    oneDNN's weight gradient of a 1x1 convolution with a stride above 1 (a ResNet shortcut)
+    with channels-last input and fewer input channels than its vector block hangs, aborts or
+    is silently wrong (uxlfoundation/oneDNN#6035; measured with AVX2 kernels on an AMD EPYC:
+    9 % to 99 % relative error at 2, 4, 6 and 7 input channels, a hang or an abort at 3 and
+    5; correct from 8 on, and on AVX-512 kernels). Narrow and pruned networks reach such
+    channel counts; contiguous NCHW input takes other kernels, which are correct.
     """
-    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+    return not any(
+        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+        and m.in_channels // m.groups < ONEDNN_MAX_BLOCK
+        for m in model.modules())
+
+
+def memory_format(device: torch.device | str, model: nn.Module | None = None
+                  ) -> torch.memory_format:
+    """The layout of image batches and of `model` on `device`.
+
+    CUDA: channels-last, which cuDNN's fastest kernels want. CPU: channels-last too where
+    `channels_last_is_safe(model)` (measured 14-42 % faster than NCHW on 2 cores,
+    BENCHMARKS.md), contiguous NCHW otherwise and where no model is given.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.channels_last
+    safe = model is not None and channels_last_is_safe(model)
+    return torch.channels_last if safe else torch.contiguous_format
 
 
 def compiled(fn: Callable[..., Any], mode: str, device: torch.device | str) -> Callable[..., Any]:
@@ -46,8 +65,9 @@ def compiled(fn: Callable[..., Any], mode: str, device: torch.device | str) -> C
     evaluated and saved (its state_dict keys carry no compile prefix).
 
     On the CPU, inductor's layout optimisation would turn every convolution channels-last,
-    straight into the oneDNN fault that `memory_format` avoids; it is switched off there
-    (the options of `mode` plus that one: torch.compile takes a mode or options, not both).
+    straight into the oneDNN fault that `memory_format` avoids; it is switched off there,
+    so that the compiled step keeps the layouts it is given (the options of `mode` plus that
+    one: torch.compile takes a mode or options, not both).
     """
     if mode == "off":
         return fn
@@ -95,10 +115,13 @@ class TrainStep:
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per batch
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
 
+    def __post_init__(self) -> None:
+        self.cpu_layout = memory_format("cpu", self.model)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Every backward pass goes through here: whatever the caller's layout, the device's
-        # own (on the CPU, NCHW away from the oneDNN fault; a no-op when already so).
-        x = x.contiguous(memory_format=memory_format(x.device))
+        # Every backward pass goes through here: whatever the caller's layout, the one for
+        # this model and device (memory_format; a no-op when the batch has it already).
+        x = x.contiguous(memory_format=torch.channels_last if x.is_cuda else self.cpu_layout)
         amp = self.amp_dtype is not None
         with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=amp):
             logits = self.model(x)

@@ -426,9 +426,9 @@ def _train(
     world: World,
 ) -> FitResult:
     set_deterministic(config.deterministic)
-    layout = memory_format(device)  # channels-last on CUDA, NCHW on the CPU (step.py)
     if config.sync_batchnorm and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    layout = memory_format(device, model)  # on the CPU, NCHW where oneDNN would fail (step.py)
     model = model.to(device, memory_format=layout)
     # `model` is what is evaluated and saved; `train_model` what steps (DDP averages the
     # gradients over the ranks during backward).
