@@ -379,7 +379,7 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
             or hi is not None and (v >= hi if hi_open else v > hi))
 
     def nearest(v: float, default: Any) -> Any:
-        if v != v:  # NaN: no nearest value; the seed recipe's
+        if not _finite(v):  # NaN or infinite: no nearest value worth naming; the default
             return default
         if lo is not None and v <= lo:
             return lo if not lo_open else default
