@@ -328,3 +328,17 @@ def test_policies_never_read_tensor_values_on_the_host(images, monkeypatch):
     for policy in P.POLICIES[1:]:
         aug = AugmentConfig(policy=policy, cutout=8)
         BatchAugment(aug, MEAN, STD)(images, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_policies_never_synchronise(images):
+    for policy in P.POLICIES[1:]:
+        augment = BatchAugment(AugmentConfig(policy=policy, cutout=8), MEAN, STD, "cuda")
+        x, generator = images.cuda(), torch.Generator("cuda").manual_seed(0)
+        augment(x, generator)  # first call: allocations and lazy initialisation
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            augment(x, generator)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

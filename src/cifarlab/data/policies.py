@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from cifarlab.config import POLICIES
 from cifarlab.data.gpu_augment import blend, gray, warp
@@ -215,10 +214,13 @@ def affine_matrix(op: torch.Tensor, magnitude: torch.Tensor, size: tuple[int, in
 def sharpen(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's `adjust_sharpness`, one float64 factor per image: the inner pixels blend
     with a 3x3 blur (weights 1, centre 5, over 13, rounded), the border pixels stay."""
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device)
-    blurred = F.conv2d(x, kernel.expand(x.shape[1], 1, 3, 3), groups=x.shape[1]).round_()
     inner = x[..., 1:-1, 1:-1]
+    # torchvision convolves with float32 weights 1/13 and 5/13, then rounds. The weighted sum
+    # of whole values is a whole number S, and S / 13 is never within 1/26 of a half, far
+    # beyond float32's error there: so round(S / 13), from an exact 3x3 sum, is the same.
+    rows = x[..., :, :-2] + x[..., :, 1:-1] + x[..., :, 2:]
+    total = (rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]).add_(inner, alpha=4.0)
+    blurred = total.div_(13.0).round_()
     # torchvision: inner.add_(blurred - inner, alpha=1 - factor), alpha rounded to float32,
     # with a fused multiply-add; float64 keeps its single rounding.
     alpha = _per_image((1.0 - factor).float().double())
