@@ -318,6 +318,17 @@ def test_output_statistics_match_torchvisions_policy(images, policy):
         assert (cdf_a - cdf_b).abs().max() < 1.95 * math.sqrt(2 / len(a))  # KS, alpha 0.001
 
 
+@pytest.mark.parametrize("policy", P.POLICIES[1:])
+def test_policies_have_no_syncing_or_data_dependent_ops(images, policy):
+    """Under the dispatch mode that records every op after which a GPU's host would wait."""
+    from test_step import SyncOps
+
+    augment = BatchAugment(AugmentConfig(policy=policy, cutout=8), MEAN, STD)
+    with SyncOps() as mode:
+        augment(images, torch.Generator().manual_seed(0))
+    assert mode.seen == []
+
+
 def test_policies_never_read_tensor_values_on_the_host(images, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("host synchronisation")
