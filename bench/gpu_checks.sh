@@ -25,9 +25,11 @@ for step in $steps; do
     throughput) python3 bench/train_throughput.py --data "$archive" --steps 200 \
                   --compile off reduce-overhead --blocking-flags | tee "$out/throughput.md" ;;
     augment) python3 bench/augment_throughput.py --device cuda --compile \
-               | tee "$out/augment.md" ;;
-    tests) python3 -m pytest -q tests/test_gpu_augment.py tests/test_resident.py \
-             tests/test_step.py 2>&1 \
+               | tee "$out/augment.md"
+             python3 bench/augment_throughput.py --device cuda --base flip-crop --policies \
+               none trivialaugment randaugment autoaugment cutout | tee "$out/policies.md" ;;
+    tests) python3 -m pytest -q tests/test_gpu_augment.py tests/test_policies.py \
+             tests/test_resident.py tests/test_step.py 2>&1 \
              | tail -5 | tee "$out/tests.txt" ;;
     seed-resident|seed-torchvision)
       python3 -m cifarlab train --preset seed --data "$archive" --loader "${step#seed-}" \

@@ -42,6 +42,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "data.resize": ([], ["true", "false"]),
     "data.loader": (["gpu", '""'], ["auto", "torchvision", "resident"]),
     "data.workers": (["-2", "257", "1000000"], ["-1", "0", "256"]),
+    "data.label_set": (["medium", '""', "Fine"], ["fine"]),
     "data.augment.hflip": (["2", "-0.1", "1.0001"], ["0", "1"]),
     "data.augment.rotate_degrees": (["-1", "181", "1e9"], ["0", "180"]),
     "data.augment.brightness": (["-0.1", "1.5", "1e30"], ["0", "1"]),
@@ -55,6 +56,11 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
                                  ["[0,1]", "[0.2,0.2]"]),
     "data.augment.erase_ratio": (["[3.3,0.3]", "[0,1]", "[-1,1]", "[]"],
                                  ["[1,1]", "[0.01,100]"]),
+    "data.augment.policy": (["autoaugment_imagenet", "trivial", '""'],
+                            ["none", "trivialaugment", "randaugment", "autoaugment"]),
+    "data.augment.randaugment_n": (["-1", "11"], ["0", "10"]),
+    "data.augment.randaugment_m": (["-1", "31"], ["0", "30"]),
+    "data.augment.cutout": (["-1", "33"], ["0", "32"]),
     "model.name": (["resnet", '""'], ["resnet18"]),
     "model.width": (["0", "-3", "1000001", "10000000000000"], ["1", "64"]),
     "optim.lr": (["0", "-0.1"], ["1e-9", "1e30"]),
@@ -201,6 +207,12 @@ def test_run_folder_stays_inside_out(place, capsys):
     assert not (place / "escape").exists() and not (place / "runs").exists()
 
 
+def test_coarse_labels_need_cifar100(place, capsys):
+    err = refused([*TINY, "--out", str(place / "runs"), "--set", "data.label_set=coarse"],
+                  place, capsys)
+    assert "data.label_set=coarse needs CIFAR-100" in err and "synthetic:40" in err
+
+
 def test_preset_is_chosen_with_the_flag_only(place, capsys):
     err = refused([*TINY, "--out", str(place / "runs"), "--set", "preset=fast"], place, capsys)
     assert "--preset fast" in err
@@ -235,7 +247,9 @@ def test_valid_edges_train(tmp_path, capsys):
              "data.augment.erase_p=1", "data.augment.erase_scale=[0,1]",
              "data.augment.erase_ratio=[1,1]", "seed=4294967295",
              "data.split_seed=4294967295", "optim.label_smoothing=0.99",
-             "optim.momentum=0.999", "optim.weight_decay=1", "batch_size=1000000"]
+             "optim.momentum=0.999", "optim.weight_decay=1", "batch_size=1000000",
+             "data.augment.policy=randaugment", "data.augment.randaugment_n=10",
+             "data.augment.randaugment_m=30", "data.augment.cutout=32"]
     sets = [a for e in edges for a in ("--set", e)]
     for loader in ("torchvision", "resident"):
         assert main([*TINY, *sets, "--loader", loader, "--out", str(tmp_path),

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
 import io
+import json
 import os
 import pickle
 import socket
 import tarfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -452,19 +455,28 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_cifar10_download_from_local_server(tmp_path: Path, monkeypatch) -> None:
-    from torchvision.datasets import CIFAR10
-
-    folder = write_batches(tmp_path / "served" / "cifar-10-batches-py")
-    archive = tar_folder(folder, tmp_path / "served" / "cifar-10-python.tar.gz")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
-                                directory=str(archive.parent))
+@contextlib.contextmanager
+def serve(folder: Path) -> Iterator[int]:
+    """A local HTTP server of `folder`'s files (no network); yields its port."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        port = server.server_address[1]
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_cifar10_download_from_local_server(tmp_path: Path, monkeypatch) -> None:
+    from torchvision.datasets import CIFAR10
+
+    folder = write_batches(tmp_path / "served" / "cifar-10-batches-py")
+    archive = tar_folder(folder, tmp_path / "served" / "cifar-10-python.tar.gz")
+    with serve(archive.parent) as port:
         monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{port}/{archive.name}")
         monkeypatch.setattr(CIFAR10, "tgz_md5", _md5(archive))
         monkeypatch.setattr(CIFAR10, "train_list", [[n, _md5(folder / n)] for n, _ in
@@ -478,7 +490,127 @@ def test_cifar10_download_from_local_server(tmp_path: Path, monkeypatch) -> None
         monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)
         with pytest.raises(UserError, match="downloading CIFAR-10 into"):
             load_source("cifar10", tmp_path / "root2")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------- cifar100
+
+FINE = [f"fine{i}" for i in range(100)]
+COARSE = [f"coarse{i}" for i in range(20)]
+
+
+def write_cifar100(folder: Path, *, py2: bool = False, fine_test: list[int] | None = None,
+                   ) -> Path:
+    """A cifar-100-python folder in the official layout: train, test and meta pickles."""
+
+    def dump(obj: dict) -> bytes:
+        return b"\x80\x02" + py2_pickle(obj) + b"." if py2 else pickle.dumps(obj, protocol=2)
+
+    folder.mkdir(parents=True)
+    for i, name in enumerate(["train", "test"]):
+        data, _ = _batch_rows(10 + i)
+        fine = [(7 * k + i) % 100 for k in range(ROWS)]
+        if name == "test" and fine_test is not None:
+            fine = fine_test
+        entry = {b"filenames": [b"x.png"] * ROWS, b"batch_label": name.encode(),
+                 b"fine_labels": fine, b"coarse_labels": [f % 20 for f in fine], b"data": data}
+        (folder / name).write_bytes(dump(entry))
+    meta = {b"fine_label_names": [n.encode() for n in FINE],
+            b"coarse_label_names": [n.encode() for n in COARSE]}
+    (folder / "meta").write_bytes(dump(meta))
+    return folder
+
+
+def check_cifar100(data: SourceData, coarse: bool) -> None:
+    names, count = (COARSE, 20) if coarse else (FINE, 100)
+    assert data.train.classes == names and data.test is not None and data.test.classes == names
+    assert data.train.images.shape == (ROWS, 32, 32, 3) and data.test.images.shape[0] == ROWS
+    fine = [(7 * k) % 100 for k in range(ROWS)]
+    assert data.train.labels.tolist() == [f % count for f in fine]
+    raw, _ = _batch_rows(11)
+    assert data.test.images[3, 4, 5, 2] == raw[3, 2048 + 4 * 32 + 5]
+
+
+@pytest.mark.parametrize("py2", [False, True])
+def test_cifar100_folder_and_tar_fine_and_coarse(tmp_path: Path, py2: bool) -> None:
+    folder = write_cifar100(tmp_path / "cifar-100-python", py2=py2)
+    archive = tar_folder(folder, tmp_path / "cifar-100-python.tar.gz")
+    root = tmp_path / "root"
+    for coarse in (False, True):  # one cache each: the second must not read the first's
+        label_set = "coarse" if coarse else "fine"
+        check_cifar100(load_source(str(folder), root, label_set=label_set), coarse)
+        check_cifar100(load_source(str(tmp_path), root, label_set=label_set), coarse)
+        check_cifar100(load_source(str(archive), root, label_set=label_set), coarse)
+    # From the cache, both again.
+    check_cifar100(load_source(str(archive), root), False)
+    check_cifar100(load_source(str(archive), root, label_set="coarse"), True)
+
+
+def test_coarse_labels_only_for_cifar100(tmp_path: Path) -> None:
+    folder = write_batches(tmp_path / "cifar-10-batches-py")
+    for spec in (str(folder), "synthetic:20"):
+        with pytest.raises(UserError, match="label_set=coarse needs CIFAR-100"):
+            load_source(spec, tmp_path / "root", label_set="coarse")
+
+
+def test_cifar100_bad_files(tmp_path: Path) -> None:
+    folder = write_cifar100(tmp_path / "c", fine_test=[3] * (ROWS - 1) + [100])
+    with pytest.raises(UserError, match=r"test: label 100 out of range 0\.\.99 \(meta names 100"):
+        load_source(str(folder), tmp_path / "root")
+    (folder / "meta").unlink()
+    with pytest.raises(UserError, match="meta missing; a cifar-100-python folder holds"):
+        load_source(str(folder), tmp_path / "root")
+    folder = write_cifar100(tmp_path / "cifar-100-python")
+    (folder / "train").write_bytes(pickle.dumps({b"data": _Evil(tmp_path / "pwned")},
+                                                protocol=2))
+    with pytest.raises(UserError, match="train: refuses to load: .* not a CIFAR-100 batch file"):
+        load_source(str(folder), tmp_path / "root")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cifar100_download_from_local_server(tmp_path: Path, monkeypatch) -> None:
+    from torchvision.datasets import CIFAR100
+
+    assert CIFAR100.tgz_md5 == "eb9058c3a382ffc7106e4002c42a8d85"  # what a download checks
+    assert CIFAR100.filename == "cifar-100-python.tar.gz"
+    folder = write_cifar100(tmp_path / "served" / "cifar-100-python")
+    archive = tar_folder(folder, tmp_path / "served" / "cifar-100-python.tar.gz")
+    with serve(archive.parent) as port:
+        monkeypatch.setattr(CIFAR100, "url", f"http://127.0.0.1:{port}/{archive.name}")
+        monkeypatch.setattr(CIFAR100, "tgz_md5", _md5(archive))
+        monkeypatch.setattr(CIFAR100, "train_list", [["train", _md5(folder / "train")]])
+        monkeypatch.setattr(CIFAR100, "test_list", [["test", _md5(folder / "test")]])
+        root = tmp_path / "root"
+        check_cifar100(load_source("cifar100", root, label_set="coarse"), True)
+        assert (root / "cifar-100-python" / "meta").is_file()
+        check_cifar100(load_source("CIFAR100", root), False)  # no second download
+        monkeypatch.setattr(CIFAR100, "tgz_md5", "0" * 32)
+        with pytest.raises(UserError, match="downloading CIFAR-100 into .*cifar-100-python"):
+            load_source("cifar100", tmp_path / "root2")
+    assert not (tmp_path / "root2" / "cifar-100-python").exists()
+
+
+def test_cifar100_offline_error(tmp_path: Path, monkeypatch) -> None:
+    from torchvision.datasets import CIFAR100
+
+    monkeypatch.setattr(CIFAR100, "url", f"http://127.0.0.1:{_closed_port()}/c.tar.gz")
+    with pytest.raises(UserError, match="--data /path/to/cifar-100-python.tar.gz"):
+        load_source("cifar100", tmp_path / "root")
+    assert not (tmp_path / "root").exists()
+
+
+def test_cifar100_coarse_run_trains_and_evaluates_on_superclasses(tmp_path: Path, capsys
+                                                                   ) -> None:
+    from cifarlab.cli import main
+
+    folder = write_cifar100(tmp_path / "cifar-100-python")
+    args = ["train", "--data", str(folder), "--data-root", str(tmp_path / "root"), "--epochs",
+            "1", "--workers", "0", "--set", "model.width=4", "--set", "data.label_set=coarse",
+            "--out", str(tmp_path / "runs"), "--name", "coarse"]
+    assert main(args) == 0, capsys.readouterr().err
+    run = tmp_path / "runs" / "coarse"
+    result = json.loads((run / "result.json").read_text())
+    assert result["classes"] == COARSE
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(folder), "--data-root",
+                 str(tmp_path / "root"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == ROWS

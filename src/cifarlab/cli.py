@@ -32,7 +32,7 @@ from cifarlab.presets import PRESETS, get_preset
 
 # Dedicated flags and the setting each one sets.
 TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
-    "data": ("data.source", str, "training images: cifar10, synthetic[:N], or a path"),
+    "data": ("data.source", str, "training images: cifar10, cifar100, synthetic[:N], or a path"),
     "test_data": ("data.test_source", str, "test images (default: the source's own test split)"),
     "data_root": ("data.root", str, "where downloads and the decode cache go (default ./data)"),
     "limit": ("data.limit", int, "train on a class-balanced random subset of N images"),
@@ -258,7 +258,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     path = checkpoint_file(args.checkpoint)
     ckpt = checkpoint.load(path)
     model = checkpoint.build_model(ckpt, path)
-    source = load_source(args.data, args.data_root)
+    # CIFAR-100 is scored with the labels the model learned (fine or coarse).
+    label_set = ((ckpt.get("config") or {}).get("data") or {}).get("label_set", "fine")
+    source = load_source(args.data, args.data_root, label_set=label_set)
     data = source.test if source.test is not None else source.train
     if data.classes != ckpt["classes"]:
         raise UserError(f"--data {args.data}: classes {data.classes} do not match the "

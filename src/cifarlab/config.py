@@ -25,6 +25,9 @@ SCHEDULES = ("cosine", "constant")
 LOADERS = ("auto", "torchvision", "resident")
 # torch.compile modes for the training step; "off": eager.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# Automatic augmentation per image (data/policies.py); "none": the chain above alone.
+POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment")
+LABEL_SETS = ("fine", "coarse")  # CIFAR-100's 100 classes or its 20 superclasses
 
 
 @dataclass
@@ -42,6 +45,11 @@ class AugmentConfig:
     erase_p: float = 0.3  # random erasing probability (after normalisation)
     erase_scale: tuple[float, float] = (0.02, 0.33)  # fraction of the image area
     erase_ratio: tuple[float, float] = (0.3, 3.3)  # aspect ratio
+    # After crop and translation, before normalisation: one of POLICIES, drawn per image.
+    policy: str = "none"
+    randaugment_n: int = 2  # ops in a row per image (randaugment)
+    randaugment_m: int = 9  # magnitude bin of 0..30 (randaugment)
+    cutout: int = 0  # side of a zeroed square (pixels) after normalisation; 0: off
 
     @classmethod
     def off(cls) -> AugmentConfig:
@@ -65,6 +73,8 @@ class DataConfig:
     # "auto": resident on CUDA, torchvision on the CPU.
     loader: str = "auto"
     workers: int = -1  # DataLoader worker processes; -1: one per CPU core, at most 16
+    # CIFAR-100 only: "fine" (100 classes) or "coarse" (its 20 superclasses).
+    label_set: str = "fine"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -465,6 +475,7 @@ RULES: dict[str, Rule] = {
     "data.resize": ANY,
     "data.loader": choice(LOADERS),
     "data.workers": integer(-1, 256, what="a number of worker processes (-1: automatic)"),
+    "data.label_set": choice(LABEL_SETS),
     "data.augment.hflip": PROBABILITY,
     "data.augment.rotate_degrees": number(0, 180, what="an angle in degrees"),
     "data.augment.brightness": JITTER,
@@ -477,6 +488,10 @@ RULES: dict[str, Rule] = {
     "data.augment.erase_scale": ordered_pair(0, 1, what="two fractions of the image area"),
     "data.augment.erase_ratio": ordered_pair(0, None, lo_open=True,
                                              what="two aspect ratios"),
+    "data.augment.policy": choice(POLICIES),
+    "data.augment.randaugment_n": integer(0, 10, what="a number of ops per image"),
+    "data.augment.randaugment_m": integer(0, 30, what="a magnitude bin"),
+    "data.augment.cutout": integer(0, 32, what="a square side in pixels (0: off)"),
     "model.name": choice(_models),
     "model.width": integer(1, MAX_WIDTH, what="a number of channels"),
     "optim.lr": number(0, lo_open=True, what="a learning rate"),
@@ -522,7 +537,16 @@ CROSS_RULES: list[typing.Callable[[Config], str | None]] = [
         "sync_batchnorm=true needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU version); "
         "e.g. --set sync_batchnorm=false"),
     _limit_leaves_validation,
+    lambda c: None if c.data.label_set == "fine" or not _is_keyword(c.data.source) else (
+        f"data.label_set=coarse needs CIFAR-100 (--data cifar100), not {c.data.source}; "
+        "e.g. --set data.label_set=fine"),
 ]
+
+
+def _is_keyword(source: str) -> bool:
+    """A source named by a keyword that is not CIFAR-100 (paths are checked when read)."""
+    word = source.strip().lower()
+    return word == "cifar10" or word == "synthetic" or word.startswith("synthetic:")
 
 
 def get(config: Config, key: str) -> Any:

@@ -27,12 +27,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from cifarlab.config import AugmentConfig
 from cifarlab.step import compiled, memory_format
+
+if TYPE_CHECKING:  # policies.py builds on this module's ops; imported where a chain needs it
+    from cifarlab.data.policies import PolicyParams
 
 # torchvision's ColorJitter op ids: it applies them in a random permutation of these.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -55,6 +59,8 @@ class AugmentParams:
     crop: torch.Tensor | None  # (N, 2) int64 (top, left) in the zero-padded image
     translate: torch.Tensor | None  # (N, 2) int64 (tx, ty) in pixels
     erase: torch.Tensor | None  # (N, 4) int64 (top, left, height, width); height 0: none
+    policy: PolicyParams | None = None  # data/policies.py: each image's ops and magnitudes
+    cutout: torch.Tensor | None = None  # (N, 2) int64 centres (row, column) of the squares
 
 
 def _uniform(
@@ -90,10 +96,16 @@ def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     on the CPU. Elsewhere the matrix product may round differently in the last bit, which
     moves a pixel to its neighbour only where a sampling point lies on a pixel boundary.
     """
-    n, _, h, w = x.shape
     rot = torch.remainder(angle.double(), 360.0).neg().mul(math.pi / 180)
     cos, sin, zero = rot.cos(), rot.sin(), torch.zeros_like(rot)
-    theta = torch.stack([cos, sin, zero, -sin, cos, zero], 1).view(n, 2, 3).float()
+    return warp(x, torch.stack([cos, sin, zero, -sin, cos, zero], 1).view(-1, 2, 3).float())
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Sample each image (N, C, H, W) at its own inverse affine matrix `theta` (N, 2, 3),
+    float32, in torchvision's pixel units about the centre (its `_get_inverse_affine_matrix`),
+    with torchvision's `_affine_grid` arithmetic: nearest neighbour, zeros outside."""
+    n, _, h, w = x.shape
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
     one = torch.ones((), device=x.device)
@@ -126,18 +138,24 @@ def _per_image(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
+def gray(x: torch.Tensor) -> torch.Tensor:
     """torchvision's luma of a uint8 image, floored: (N, 1, H, W)."""
     r, g, b = x.unbind(1)
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)
 
 
-def _blend(x: torch.Tensor, factor: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """torchvision's `_blend` on uint8 images: floor(clamp(x * f + ref * (1 - f)))."""
+def blend(
+    x: torch.Tensor, factor: torch.Tensor, ref: torch.Tensor, rest: torch.Tensor | None = None
+) -> torch.Tensor:
+    """torchvision's `_blend` on uint8 images: floor(clamp(x * f + ref * (1 - f))).
+
+    `rest`: the float32 weight of `ref` when torchvision's `1 - f` is computed in float64
+    from a factor that float32 cannot hold (then it differs from float32's 1 - f)."""
     f = _per_image(factor)
+    rest = 1 - f if rest is None else _per_image(rest)
     # torchvision adds ref * (1 - f) with a fused multiply-add (one rounding, on CPU vector
     # units and CUDA); float64 keeps that single rounding, so floor() agrees bit for bit.
-    mixed = torch.addcmul(x.mul(f).double(), ref.double(), (1 - f).double()).float()
+    mixed = torch.addcmul(x.mul(f).double(), ref.double(), rest.double()).float()
     return mixed.clamp_(0, 255).floor_()
 
 
@@ -146,11 +164,11 @@ def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, factor, _gray(x).mean((1, 2, 3), keepdim=True))
+    return blend(x, factor, gray(x).mean((1, 2, 3), keepdim=True))
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, factor, _gray(x))
+    return blend(x, factor, gray(x))
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -194,11 +212,11 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def _jitter_slot(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast or saturation, chosen per image by `op`; all three are blends
     (with black, the mean grey and the grey image), so one blend serves."""
-    gray = _gray(x)
+    luma = gray(x)
     op = _per_image(op)
-    ref = torch.where(op == SATURATION, gray,
-                      torch.where(op == CONTRAST, gray.mean((1, 2, 3), keepdim=True), 0.0))
-    return _blend(x, factor, ref)
+    ref = torch.where(op == SATURATION, luma,
+                      torch.where(op == CONTRAST, luma.mean((1, 2, 3), keepdim=True), 0.0))
+    return blend(x, factor, ref)
 
 
 def color_jitter(x: torch.Tensor, params: JitterParams) -> torch.Tensor:
@@ -331,6 +349,11 @@ class BatchAugment:
         self.aug = aug
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
+        self.policy = None
+        if aug.policy != "none":
+            from cifarlab.data.policies import Policy
+
+            self.policy = Policy(aug.policy, aug.randaugment_n, aug.randaugment_m, device)
         # `compile_mode` (config.COMPILE_MODES) compiles `apply` for calls: its hundreds of
         # small ops become a few fused kernels. The draws stay eager, so the random streams
         # are the same either way.
@@ -351,6 +374,9 @@ class BatchAugment:
             else None,
             erase=draw_erase(n, a.erase_p, a.erase_scale, a.erase_ratio, size, generator)
             if a.erase_p > 0 else None,
+            # Drawn after the seed's ops, so that their draws do not depend on these settings.
+            policy=self.policy.draw(n, size, generator) if self.policy is not None else None,
+            cutout=_draw_cutout(n, size, generator) if a.cutout > 0 else None,
         )
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
@@ -364,12 +390,28 @@ class BatchAugment:
             x = color_jitter(x, params.jitter)
         if params.crop is not None or params.translate is not None:
             x = crop_translate(x, params.crop, params.translate, self.aug.crop_padding)
+        if params.policy is not None:
+            x = self.policy.apply(x, params.policy)
         x = normalize(x.contiguous(memory_format=memory_format(x.device)), self.mean, self.std)
-        return erase(x, params.erase) if params.erase is not None else x
+        if params.erase is not None:
+            x = erase(x, params.erase)
+        return _cutout(x, params.cutout, self.aug.cutout) if params.cutout is not None else x
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         params = self.draw(len(images), tuple(_nchw(images).shape[2:]), generator)
         return self._apply(images, params)
+
+
+def _draw_cutout(n: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    from cifarlab.data.policies import draw_cutout
+
+    return draw_cutout(n, size, generator)
+
+
+def _cutout(x: torch.Tensor, centres: torch.Tensor, length: int) -> torch.Tensor:
+    from cifarlab.data.policies import cutout
+
+    return cutout(x, centres, length)
 
 
 def _nchw(images: torch.Tensor) -> torch.Tensor:

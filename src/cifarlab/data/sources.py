@@ -4,8 +4,12 @@
 
 - ``"cifar10"``: CIFAR-10, downloaded into `root` with torchvision the first time; read from
   ``<root>/cifar-10-batches-py`` (no network) once that folder exists.
+- ``"cifar100"``: CIFAR-100 the same way, from ``<root>/cifar-100-python``.
 - A ``cifar-10-batches-py`` folder (or a folder holding one), or a ``cifar-10-python.tar.gz``:
   the official pickled batches, read with a restricted unpickler (the files are untrusted).
+- A ``cifar-100-python`` folder (or a folder holding one), or a ``cifar-100-python.tar.gz``:
+  its ``train``, ``test`` and ``meta`` pickles, read the same way; the labels are the 100
+  fine classes, or with `label_set="coarse"` the 20 superclasses.
 - An image folder, or a ``.tar``/``.tar.gz``/``.tgz`` of one: ``<class>/<image>`` at the top
   or under one top folder, optionally split as ``train/<class>/...`` and ``test/<class>/...``.
 - ``"synthetic"`` / ``"synthetic:N"``: generated, learnable stripe/shape images, N for
@@ -55,10 +59,12 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 # Formats PIL may use: decided by content, but never plugins that shell out (EPS -> Ghostscript).
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 BATCH_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
+CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_FILES = ["train", "test", "meta"]
 _CHUNK = 512  # images per decode task: big enough to amortise inter-process traffic
 _ACCEPTED = (
-    "pass a cifar-10-batches-py folder, cifar-10-python.tar.gz, an image folder (or its "
-    ".tar/.tar.gz), 'cifar10' or 'synthetic[:N]'"
+    "pass a cifar-10-batches-py or cifar-100-python folder (or its .tar.gz), an image folder "
+    "(or its .tar/.tar.gz), 'cifar10', 'cifar100' or 'synthetic[:N]'"
 )
 
 
@@ -73,26 +79,33 @@ class ImageSet:
 class SourceData:
     train: ImageSet
     test: ImageSet | None  # None when the source holds no test split
+    is_cifar100: bool = False  # the only source with a choice of labels (label_set)
 
 
-def load_source(spec: str, root: str | Path = "data", *, resize: bool = False) -> SourceData:
+def load_source(
+    spec: str, root: str | Path = "data", *, resize: bool = False, label_set: str = "fine"
+) -> SourceData:
     """Load the images that `spec` names (see the module docstring for the accepted forms).
 
     `root` holds downloads and the decode cache. Images that are not 32x32 are refused
     unless `resize` is true; then they are resized to exactly 32x32 with PIL's bicubic filter
     (aspect ratio not kept, no cropping). Alpha is dropped, as torchvision's ImageFolder does.
     Image-folder images come in ImageFolder order: by class rank, then by file name.
+    `label_set`: CIFAR-100's "fine" (100) or "coarse" (20) classes; other sources have one.
     Raises UserError for anything wrong with the input.
     """
     text = str(spec).strip()
     word = text.lower()
     if not text:
         raise UserError(f"--data is empty; {_ACCEPTED}")
+    coarse = label_set == "coarse"
     if word == "synthetic" or word.startswith("synthetic:"):
-        return _synthetic(text)
+        return _not_coarse(_synthetic(text), coarse, text)
     root = Path(root).expanduser()
     if word == "cifar10":
-        path = _cifar10_folder(root)
+        path = _download(root, "cifar10")
+    elif word == "cifar100":
+        path = _download(root, "cifar100")
     else:
         path = Path(text).expanduser()
         if not path.exists():
@@ -100,35 +113,52 @@ def load_source(spec: str, root: str | Path = "data", *, resize: bool = False) -
     path = path.resolve()
     if path.is_dir() and (path / "cifar-10-batches-py").is_dir():
         path = path / "cifar-10-batches-py"
+    elif path.is_dir() and (path / CIFAR100_FOLDER).is_dir():
+        path = path / CIFAR100_FOLDER
     if not (path.is_dir() or path.is_file()):
         raise UserError(f"--data {text}: not a file or folder; {_ACCEPTED}")
-    cache = _cache_path(path, root, resize)
+    cache = _cache_path(path, root, resize, coarse)
     data = _read_cache(cache)
     if data is None:
-        data = _load_dir(path, resize) if path.is_dir() else _load_archive(path, resize)
+        if path.is_dir():
+            data = _load_dir(path, resize, coarse)
+        else:
+            data = _load_archive(path, resize, coarse)
         _write_cache(cache, data)
+    return _not_coarse(data, coarse and not data.is_cifar100, text)
+
+
+def _not_coarse(data: SourceData, coarse: bool, spec: str) -> SourceData:
+    if coarse:
+        raise UserError(f"--data {spec}: data.label_set=coarse needs CIFAR-100 (its 20 "
+                        "superclasses); this source has one set of classes; e.g. --set "
+                        "data.label_set=fine, or --data cifar100")
     return data
 
 
 # ---------------------------------------------------------------------------- cifar10 download
 
 
-def _cifar10_folder(root: Path) -> Path:
-    """`<root>/cifar-10-batches-py`, downloaded and checked with torchvision if absent."""
-    folder = root / "cifar-10-batches-py"
+def _download(root: Path, name: str) -> Path:
+    """`<root>/cifar-10-batches-py` (name "cifar10") or `<root>/cifar-100-python`
+    ("cifar100"), downloaded and checked with torchvision if absent."""
+    # Imported here: torchvision is slow to import and only this path needs it.
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    dataset = CIFAR10 if name == "cifar10" else CIFAR100
+    title = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    folder = root / dataset.base_folder
     if folder.is_dir():
         return folder
-    # Imported here: torchvision is slow to import and only this path needs it.
-    from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
     # CIFAR10(root, download=True) would also unpickle every batch with plain pickle.load;
     # use its download step (same URL and checksums) and read with the restricted reader.
     created_root = not root.exists()
     try:
-        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
-                                     md5=CIFAR10.tgz_md5)
-        bad = [n for n, md5 in CIFAR10.train_list + CIFAR10.test_list
+        download_and_extract_archive(dataset.url, str(root), filename=dataset.filename,
+                                     md5=dataset.tgz_md5)
+        bad = [n for n, md5 in dataset.train_list + dataset.test_list
                if not check_integrity(str(folder / n), md5)]
         if bad:
             raise RuntimeError(f"{', '.join(bad)} missing or corrupted after extraction")
@@ -136,9 +166,9 @@ def _cifar10_folder(root: Path) -> Path:
         if created_root and root.is_dir() and not any(root.iterdir()):
             root.rmdir()  # leave nothing behind a failed first download
         raise UserError(
-            f"--data cifar10: downloading CIFAR-10 into {root} failed ({_reason(e)}); without "
-            f"internet, pass --data /path/to/cifar-10-python.tar.gz or a cifar-10-batches-py "
-            f"folder, or put cifar-10-python.tar.gz in {root}"
+            f"--data {name}: downloading {title} into {root} failed ({_reason(e)}); without "
+            f"internet, pass --data /path/to/{dataset.filename} or a {dataset.base_folder} "
+            f"folder, or put {dataset.filename} in {root}"
         ) from None
     return folder
 
@@ -162,8 +192,10 @@ def _fingerprint(path: Path) -> list:
     return sorted(entries)
 
 
-def _cache_path(path: Path, root: Path, resize: bool) -> Path:
-    where = hashlib.sha256(json.dumps([str(path), resize]).encode()).hexdigest()[:8]
+def _cache_path(path: Path, root: Path, resize: bool, coarse: bool = False) -> Path:
+    # CIFAR-100's coarse labels are cached apart (other sources refuse them).
+    key = [str(path), resize] + (["coarse"] if coarse else [])
+    where = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:8]
     what = hashlib.sha256(json.dumps([CACHE_VERSION, _fingerprint(path)]).encode())
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)[:40] or "data"
     return root / "cache" / f"{slug}-{where}-{what.hexdigest()[:16]}.npz"
@@ -176,9 +208,10 @@ def _read_cache(cache: Path) -> SourceData | None:
             classes = [str(c) for c in z["classes"]]
             sets = [_checked_set(z[f"{s}_images"], z[f"{s}_labels"], classes)
                     if f"{s}_images" in z.files else None for s in ("train", "test")]
+            is_cifar100 = bool(z["is_cifar100"]) if "is_cifar100" in z.files else False
     except Exception:  # any damage to a cache file just means: decode again
         return None
-    return None if sets[0] is None else SourceData(sets[0], sets[1])
+    return None if sets[0] is None else SourceData(sets[0], sets[1], is_cifar100)
 
 
 def _checked_set(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> ImageSet:
@@ -193,7 +226,8 @@ def _checked_set(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> 
 def _write_cache(cache: Path, data: SourceData) -> None:
     """Write atomically (temp file + rename); a cache that cannot be written is skipped."""
     arrays = {"classes": np.array(data.train.classes, dtype=str),
-              "train_images": data.train.images, "train_labels": data.train.labels}
+              "train_images": data.train.images, "train_labels": data.train.labels,
+              "is_cifar100": np.array(data.is_cifar100)}
     if data.test is not None:
         arrays.update(test_images=data.test.images, test_labels=data.test.labels)
     tmp = None
@@ -253,10 +287,13 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _load_dir(path: Path, resize: bool) -> SourceData:
+def _load_dir(path: Path, resize: bool, coarse: bool = False) -> SourceData:
     if (path / "batches.meta").is_file() or (path / "data_batch_1").is_file():
         return _read_batches({n: _read_file(path / n) for n in BATCH_FILES if (path / n).is_file()},
                              str(path))
+    if path.name == CIFAR100_FOLDER or (path / "meta").is_file() or (path / "train").is_file():
+        files = {n: _read_file(path / n) for n in CIFAR100_FILES if (path / n).is_file()}
+        return _read_cifar100(files, str(path), coarse)
     tree = _Node()
     files = []
     for rel, _ in _walk(path):
@@ -271,9 +308,9 @@ def _load_dir(path: Path, resize: bool) -> SourceData:
     return _assemble(splits, _decode_all(items, resize))
 
 
-def _load_archive(path: Path, resize: bool) -> SourceData:
+def _load_archive(path: Path, resize: bool, coarse: bool = False) -> SourceData:
     """Read a tar in one pass, in stream order (random access into a .tar.gz is slow)."""
-    tree, batches = _Node(), {}
+    tree, batches, cifar100 = _Node(), {}, {}
 
     def images() -> Iterator[tuple[str, bytes]]:
         try:
@@ -291,6 +328,9 @@ def _load_archive(path: Path, resize: bool) -> SourceData:
                         tree.add(parts, None)
                     elif m.isfile() and parts[-1] in BATCH_FILES:
                         batches[parts[-1]] = tar.extractfile(m).read()
+                    elif (m.isfile() and parts[-1] in CIFAR100_FILES and len(parts) > 1
+                          and parts[-2] == CIFAR100_FOLDER):
+                        cifar100[parts[-1]] = tar.extractfile(m).read()
                     elif m.isfile() and _is_image(parts[-1]):
                         tree.add(parts, tree.count)
                         yield f"{path} (member {m.name})", tar.extractfile(m).read()
@@ -299,11 +339,13 @@ def _load_archive(path: Path, resize: bool) -> SourceData:
                             f"the file is damaged or of another kind; {_ACCEPTED}") from None
 
     pixels = _decode_all(images(), resize)
-    if batches and tree.count:
+    if (batches or cifar100) and tree.count:
         raise UserError(f"{path}: holds both CIFAR batch files and images; pass an archive "
                         "with one or the other")
     if batches:
         return _read_batches(batches, str(path))
+    if cifar100:
+        return _read_cifar100(cifar100, f"{path}/{CIFAR100_FOLDER}", coarse)
     return _assemble(_layout(tree, str(path)), pixels)
 
 
@@ -349,18 +391,20 @@ def _np_rebuilders() -> tuple[object, object]:
     return a.__reduce__()[0], a.__reduce_ex__(5)[0]
 
 
-def _unpickle(data: bytes, name: str) -> dict:
+def _unpickle(data: bytes, name: str, title: str = "CIFAR-10") -> dict:
+    """One pickled batch or meta dict; `title` ("CIFAR-10" or "CIFAR-100") for messages."""
+    official = f"{title.lower()}-python.tar.gz"
     try:
         obj = _BatchUnpickler(io.BytesIO(data), encoding="latin1").load()
     except _Refused as e:
-        raise UserError(f"{name}: refuses to load: {e}; this is not a CIFAR-10 batch file "
-                        "(use the official cifar-10-python.tar.gz)") from None
+        raise UserError(f"{name}: refuses to load: {e}; this is not a {title} batch file "
+                        f"(use the official {official})") from None
     except Exception as e:  # a damaged pickle fails in many ways; all mean a bad file
-        raise UserError(f"{name}: not a readable CIFAR-10 batch file ({type(e).__name__}: "
-                        f"{_reason(e)}); use the official cifar-10-python.tar.gz") from None
+        raise UserError(f"{name}: not a readable {title} batch file ({type(e).__name__}: "
+                        f"{_reason(e)}); use the official {official}") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{name}: not a CIFAR-10 batch file (holds a {type(obj).__name__}, "
-                        "not a dict); use the official cifar-10-python.tar.gz")
+        raise UserError(f"{name}: not a {title} batch file (holds a {type(obj).__name__}, "
+                        f"not a dict); use the official {official}")
     # Python 2 wrote str keys; latin1 turns them into str, files written by Python 3 keep bytes.
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
@@ -370,40 +414,62 @@ def _read_batches(files: dict[str, bytes], where: str) -> SourceData:
     if missing:
         raise UserError(f"{where}: {', '.join(missing)} missing; a cifar-10-batches-py folder "
                         f"holds {', '.join(BATCH_FILES)}")
-    meta = _unpickle(files["batches.meta"], f"{where}/batches.meta")
-    names = meta.get("label_names")
+    classes = _class_names(files, "batches.meta", "label_names", where)
+    return SourceData(_pixels_and_labels(files, BATCH_FILES[:5], where, classes, "labels"),
+                      _pixels_and_labels(files, ["test_batch"], where, classes, "labels"))
+
+
+def _read_cifar100(files: dict[str, bytes], where: str, coarse: bool) -> SourceData:
+    """CIFAR-100's `train`, `test` and `meta` pickles; fine or coarse labels and names."""
+    missing = [n for n in CIFAR100_FILES if n not in files]
+    if missing:
+        raise UserError(f"{where}: {', '.join(missing)} missing; a {CIFAR100_FOLDER} folder "
+                        f"holds {', '.join(CIFAR100_FILES)}")
+    kind = "coarse" if coarse else "fine"
+    classes = _class_names(files, "meta", f"{kind}_label_names", where, "CIFAR-100")
+    return SourceData(*(_pixels_and_labels(files, [n], where, classes, f"{kind}_labels",
+                                           "meta", "CIFAR-100") for n in ("train", "test")),
+                      is_cifar100=True)
+
+
+def _class_names(files: dict[str, bytes], meta_name: str, key: str, where: str,
+                 title: str = "CIFAR-10") -> list[str]:
+    meta = _unpickle(files[meta_name], f"{where}/{meta_name}", title)
+    names = meta.get(key)
     if not isinstance(names, list) or not names:
-        raise UserError(f"{where}/batches.meta: no label_names list; use the official files")
-    classes = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
+        raise UserError(f"{where}/{meta_name}: no {key} list; use the official files")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names]
 
-    def split(batch_names: list[str]) -> ImageSet:
-        images, labels = [], []
-        for n in batch_names:
-            name = f"{where}/{n}"
-            batch = _unpickle(files[n], name)
-            data, lab = batch.get("data"), batch.get("labels")
-            if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
-                    or data.shape[1] != 3 * SIZE * SIZE):
-                raise UserError(f"{name}: 'data' is not a uint8 array of shape (N, 3072); "
-                                "use the official files")
-            try:
-                lab = np.asarray(lab, dtype=np.int64)
-            except (TypeError, ValueError, OverflowError):
-                lab = None
-            if lab is None or lab.shape != (len(data),):
-                raise UserError(f"{name}: 'labels' is not a list of {len(data)} integers; use "
-                                "the official files")
-            bad = lab[(lab < 0) | (lab >= len(classes))]
-            if len(bad):
-                raise UserError(f"{name}: label {bad[0]} out of range 0..{len(classes) - 1} "
-                                f"(batches.meta names {len(classes)} classes); fix the labels")
-            # Rows are R plane, G plane, B plane, each 32x32 row-major: to NHWC.
-            images.append(data.reshape(-1, 3, SIZE, SIZE).transpose(0, 2, 3, 1))
-            labels.append(lab)
-        return ImageSet(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels),
-                        classes)
 
-    return SourceData(split(BATCH_FILES[:5]), split(["test_batch"]))
+def _pixels_and_labels(files: dict[str, bytes], batch_names: list[str], where: str,
+                       classes: list[str], label_key: str, meta_name: str = "batches.meta",
+                       title: str = "CIFAR-10") -> ImageSet:
+    """The images (NHWC) and labels (`label_key`) of some batch files, checked."""
+    images, labels = [], []
+    for n in batch_names:
+        name = f"{where}/{n}"
+        batch = _unpickle(files[n], name, title)
+        data, lab = batch.get("data"), batch.get(label_key)
+        if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+                or data.shape[1] != 3 * SIZE * SIZE):
+            raise UserError(f"{name}: 'data' is not a uint8 array of shape (N, 3072); "
+                            "use the official files")
+        try:
+            lab = np.asarray(lab, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            lab = None
+        if lab is None or lab.shape != (len(data),):
+            raise UserError(f"{name}: '{label_key}' is not a list of {len(data)} integers; "
+                            "use the official files")
+        bad = lab[(lab < 0) | (lab >= len(classes))]
+        if len(bad):
+            raise UserError(f"{name}: label {bad[0]} out of range 0..{len(classes) - 1} "
+                            f"({meta_name} names {len(classes)} classes); fix the labels")
+        # Rows are R plane, G plane, B plane, each 32x32 row-major: to NHWC.
+        images.append(data.reshape(-1, 3, SIZE, SIZE).transpose(0, 2, 3, 1))
+        labels.append(lab)
+    return ImageSet(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels),
+                    classes)
 
 
 # -------------------------------------------------------------------------------- image folders

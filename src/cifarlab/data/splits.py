@@ -82,7 +82,8 @@ def check_same_classes(train: ImageSet, test: ImageSet) -> None:
 
 
 def prepare_splits(config: DataConfig) -> Splits:
-    source = load_source(config.source, config.root, resize=config.resize)
+    source = load_source(config.source, config.root, resize=config.resize,
+                         label_set=config.label_set)
     train = source.train
     if len(train.classes) < 2:
         found = f"one class ({train.classes[0]!r})" if train.classes else "no classes"
@@ -93,7 +94,8 @@ def prepare_splits(config: DataConfig) -> Splits:
     elif config.test_source == "none":
         test = None
     else:
-        other = load_source(config.test_source, config.root, resize=config.resize)
+        other = load_source(config.test_source, config.root, resize=config.resize,
+                            label_set=config.label_set)
         test = other.test if other.test is not None else other.train
     if test is not None:
         check_same_classes(train, test)
