@@ -14,13 +14,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifarlab import checkpoint
-from cifarlab.config import AugmentConfig, apply_dict
+from cifarlab.config import AugmentConfig, MixConfig, apply_dict
 from cifarlab.data.resident import build_resident_loader
 from cifarlab.errors import UserError
 from cifarlab.models import create_model
 from cifarlab.presets import seed
 from cifarlab.step import StepFlags, TrainStep, channels_last_is_safe, memory_format
 from cifarlab.train import fit
+from cifarlab.training.ema import ModelEma
+from cifarlab.training.mixing import Mixer, SoftTargetCrossEntropy
 
 # Operations after which a GPU's host waits for the device: reading a value (.item(),
 # bool(), int()), and ops whose output size depends on the data (boolean-mask indexing,
@@ -86,6 +88,24 @@ def test_batches_steps_and_flags_never_synchronise(fused):
             flags.record(step, loss, stop_requested=False)
     assert mode.seen == []
     assert [f.step for f in flags.ready()] == [1]  # steps 2 and 3 are not read yet
+
+
+def test_mixup_cutmix_and_ema_steps_never_synchronise():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 10
+    train_step = step_parts(fused=True)
+    train_step.criterion = SoftTargetCrossEntropy()
+    train_step.ema = ModelEma(train_step.model, decay=0.99)
+    mixer = Mixer(MixConfig(mixup_alpha=0.2, cutmix_alpha=1.0), 10, 0.1, seed=0)
+    assert {mixer.draw(1, s, 32, 32).box is None for s in range(4)} == {True, False}
+    correct = torch.zeros((), dtype=torch.int64)
+    with SyncOps() as mode:
+        for step in range(4):
+            mixed, targets, labels = mixer(x, y, 1, step)
+            loss, logits = train_step(mixed, targets)
+            correct += (logits.argmax(1) == labels).sum()
+    assert mode.seen == []
+    assert train_step.ema.updates == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
