@@ -109,9 +109,10 @@ def test_mixup_cutmix_and_ema_steps_never_synchronise():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_steps_never_wait_for_the_device():
+@pytest.mark.parametrize("recipe", ["seed", "mix+ema"])
+def test_on_a_gpu_steps_never_wait_for_the_device(recipe):
     """CUDA's own check: any synchronising call inside raises (fp16 with the GradScaler and
-    the fused optimizer, as `seed` runs on a GPU)."""
+    the fused optimizer, as `seed` runs on a GPU; and with mixup/CutMix and the EMA)."""
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (256, 32, 32, 3), dtype=torch.uint8, generator=g)
@@ -126,14 +127,24 @@ def test_on_a_gpu_steps_never_wait_for_the_device():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     train_step = TrainStep(model, nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
                            torch.amp.GradScaler("cuda"), scheduler, torch.float16)
+    mixer = None
+    if recipe == "mix+ema":
+        train_step.criterion = SoftTargetCrossEntropy()
+        train_step.ema = ModelEma(model, decay=0.99)
+        mixer = Mixer(MixConfig(mixup_alpha=0.2, cutmix_alpha=1.0), 10, 0.1, seed=0)
     flags = StepFlags(device, lag=2)
-    train_step(*next(batches))  # first step: cuDNN autotuning, lazy state
+    x, y = next(batches)
+    if mixer is not None:
+        x, y, _ = mixer(x, y, 1, 0)
+    train_step(x, y)  # first step: cuDNN autotuning, lazy state
     torch.cuda.synchronize()
     read = []
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(1, 4):
             x, y = next(batches)
+            if mixer is not None:
+                x, y, _ = mixer(x, y, 1, step)
             loss, _ = train_step(x, y)
             flags.record(step, loss, stop_requested=False)
             read += flags.ready()  # waits on an event only: not a synchronising call
