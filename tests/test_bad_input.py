@@ -63,13 +63,24 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "data.augment.cutout": (["-1", "33"], ["0", "32"]),
     "model.name": (["resnet", '""'], ["resnet18"]),
     "model.width": (["0", "-3", "1000001", "10000000000000"], ["1", "64"]),
+    "optim.name": (["adam", "SGD", '""'], ["sgd", "adamw"]),
     "optim.lr": (["0", "-0.1"], ["1e-9", "1e30"]),
     "optim.momentum": (["-0.1", "1", "2"], ["0", "0.999"]),
     "optim.weight_decay": (["-1", "2"], ["0", "1"]),
     "optim.nesterov": ([], ["true", "false"]),
     "optim.label_smoothing": (["-0.1", "1"], ["0", "0.99"]),
-    "optim.schedule": (["step", '""'], ["cosine", "constant"]),
+    "optim.schedule": (["step", '""'], ["cosine", "onecycle", "multistep", "constant"]),
     "optim.warmup_epochs": (["-1", "1e7"], ["0", "0.5", "1000000"]),
+    "optim.milestones": (["[]", "[0.5,0.3]", "[0.5,0.5]", "[0]", "[1]", "[-0.1]", "[0.5,2]"],
+                         ["[0.5]", "[0.3,0.6,0.8]", "[0.001,0.999]"]),
+    "optim.gamma": (["0", "-0.1", "1.5"], ["0.001", "1"]),
+    "mix.mixup_alpha": (["-0.1", "101", "1e9"], ["0", "0.2", "100"]),
+    "mix.cutmix_alpha": (["-0.1", "101"], ["0", "1", "100"]),
+    "mix.prob": (["-0.1", "1.5"], ["0", "1"]),
+    "mix.switch_prob": (["-0.1", "1.5"], ["0", "1"]),
+    "ema.enabled": ([], ["true", "false"]),
+    "ema.decay": (["-0.1", "1", "2"], ["0", "0.9999"]),
+    "ema.select": (["best", "EMA", '""'], ["model"]),  # ema: with ema.enabled, below
     "epochs": (["0", "-1", "1000001"], ["1", "1000000"]),
     "batch_size": (["0", "-1", "1000001"], ["1", "1000000"]),
     "tta_flip": ([], ["true", "false"]),
@@ -81,6 +92,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "deterministic": ([], ["true", "false"]),
     "stop_grace": (["0", "-5", "1e9"], ["0.5", "600"]),
     "sync_batchnorm": ([], ["false"]),
+    "tensorboard": ([], ["true", "false"]),
     "out": (['""'], ["elsewhere"]),
     "name": (['""', ".", "..", "../escape", "a/b", "/abs", "a\\b", '" x"', "x" * 256],
              ["a", "run-1.v2", "..a", "x" * 255]),
@@ -92,12 +104,14 @@ WRONG_TYPE = {
     bool: ["3", "x", "[true]", "yes", "off"],
     str: ["[a]", "{a: 1}", "3"],
     tuple: ["0.1", "[0.1]", "[x,0.2]", "[0.1,0.2,0.3]", "[true,0.2]"],
+    list: ["0.1", "[x]", "[true]", "[[0.5]]", "{a: 1}"],
 }
 NOT_FINITE = [".nan", ".inf", "-.inf", "nan", "1e999"]
 
 
 def kind_of(key: str) -> type:
-    """The type a setting holds: int, float, bool, str or tuple (Optional unwrapped)."""
+    """The type a setting holds: int, float, bool, str, tuple (of a fixed length) or list
+    (a tuple of any length); Optional unwrapped."""
     cls: type = cfg.Config
     *parents, leaf = key.split(".")
     for part in parents:
@@ -105,7 +119,7 @@ def kind_of(key: str) -> type:
     hint = typing.get_type_hints(cls)[leaf]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is tuple:
-        return tuple
+        return list if typing.get_args(hint)[1:] == (Ellipsis,) else tuple
     return args[0] if args and typing.get_origin(hint) is not None else hint
 
 
@@ -118,6 +132,8 @@ def invalid_values() -> list[tuple[str, str]]:
             values += NOT_FINITE
         if kind is tuple:
             values += ["[.nan,0.2]", "[0.1,.inf]", "[-.inf,1]"]
+        if kind is list:
+            values += ["[.nan]", "[0.1,.inf]"]
         cases += [(key, v) for v in values]
     return cases
 
@@ -196,9 +212,18 @@ def test_bad_setting_messages_name_the_fix(place, capsys):
     ["--limit", "20", "--set", "data.val_fraction=0.01"],
     ["--set", "optim.nesterov=true", "--set", "optim.momentum=0"],
     ["--set", "sync_batchnorm=true", "--device", "cpu"],
+    ["--set", "optim.name=adamw", "--set", "optim.nesterov=true"],
+    ["--set", "ema.select=ema"],
 ])
 def test_bad_train_flags_are_refused(flags, place, capsys):
     refused([*TINY, "--out", str(place / "runs"), *flags], place, capsys)
+
+
+def test_ema_selection_with_ema_on_is_accepted(capsys):
+    args = ["--set", "ema.enabled=true", "--set", "ema.select=ema", "--print-config"]
+    assert main([*TINY, *args]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["ema"] == {
+        "enabled": True, "decay": 0.999, "select": "ema"}
 
 
 def test_run_folder_stays_inside_out(place, capsys):

@@ -4,7 +4,7 @@ import yaml
 from cifarlab import config as cfg
 from cifarlab.config import flat_settings
 from cifarlab.errors import UserError
-from cifarlab.presets import baseline, fast, get_preset, seed
+from cifarlab.presets import baseline, best, fast, get_preset, seed
 
 
 def test_seed_preset_is_the_seed_recipe():
@@ -18,6 +18,32 @@ def test_seed_preset_is_the_seed_recipe():
     assert (a.brightness, a.contrast, a.saturation, a.hue) == (0.3, 0.3, 0.3, 0.1)
     assert (a.erase_p, a.erase_scale, a.erase_ratio) == (0.3, (0.02, 0.33), (0.3, 3.3))
     assert (c.model.name, c.model.width) == ("resnet18", 64)
+
+
+def test_seed_preset_keeps_the_new_parts_off():
+    c = seed()
+    assert (c.optim.name, c.optim.nesterov, c.ema.enabled, c.ema.select) == (
+        "sgd", False, False, "model")
+    assert (c.mix.mixup_alpha, c.mix.cutmix_alpha, c.tensorboard) == (0, 0, False)
+
+
+def test_best_preset_is_resnet18_with_the_cheap_parts_that_help():
+    c = best().validate()
+    s = flat_settings(seed())
+    assert (c.model.name, c.model.width, c.data.split_seed) == ("resnet18", 64, 43)
+    assert c.epochs <= 200 and c.patience == 0 and c.tta_flip
+    assert (c.optim.name, c.optim.nesterov, c.optim.momentum) == ("sgd", True, 0.9)
+    assert (c.optim.schedule, c.optim.warmup_epochs, c.optim.label_smoothing) == (
+        "cosine", 5, 0.1)
+    assert (c.ema.enabled, c.ema.select) == (True, "ema")
+    a = c.data.augment
+    assert (a.hflip, a.crop_padding) == (0.5, 4)
+    assert (a.rotate_degrees, a.brightness, a.contrast, a.saturation, a.hue, a.translate) == (
+        0, 0, 0, 0, 0, 0)
+    assert (a.policy, a.cutout, a.erase_p) == ("trivialaugment", 16, 0)
+    assert (c.mix.mixup_alpha, c.mix.cutmix_alpha) == (0, 0)
+    assert get_preset("best").to_dict() == c.to_dict()
+    assert {k for k in s if flat_settings(c)[k] != s[k]} >= {"epochs", "optim.nesterov"}
 
 
 def test_baseline_differs_only_in_augmentation_loss_and_schedule():

@@ -119,6 +119,40 @@ def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, co
     assert_same_run(reference, run_dir)
 
 
+# EMA (selected on) and mixup/CutMix: their state and draws resume exactly too.
+RECIPE = [*TRAIN, "--set", "ema.enabled=true", "--set", "ema.select=ema", "--set",
+          "ema.decay=0.9", "--set", "mix.mixup_alpha=0.2", "--set", "mix.cutmix_alpha=1"]
+
+
+@pytest.fixture(scope="module")
+def recipe_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    code, _, err = finish(cifarlab(*RECIPE, "--out", str(out), "--name", "ref"))
+    assert code == 0, err
+    return out / "ref"
+
+
+def test_sigterm_mid_epoch_with_ema_and_mixing_then_resume_is_exact(recipe_reference, tmp_path):
+    run_dir = tmp_path / "stopped"
+    proc = cifarlab(*RECIPE, "--out", str(tmp_path), "--name", "stopped")
+    wait_for_epochs(run_dir, 1, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    returncode, _, err = finish(proc)
+    assert returncode == 143, err
+    stopped = checkpoint.load(run_dir / "last.pt")["train_state"]
+    assert stopped["position"] != [1, 0] and stopped["ema"]["updates"] > 0
+    returncode, _, err = finish(cifarlab("train", "--resume", str(run_dir)))
+    assert returncode == 0, err
+    assert_same_run(recipe_reference, run_dir)
+    assert "ema_val_acc" in metrics_without_seconds(run_dir)[0]
+    ema_a = checkpoint.load(recipe_reference / "last.pt")["train_state"]["ema"]
+    ema_b = checkpoint.load(run_dir / "last.pt")["train_state"]["ema"]
+    assert ema_a["updates"] == ema_b["updates"]
+    assert all(torch.equal(ema_a["weights"][k], ema_b["weights"][k]) for k in ema_a["weights"])
+    assert json.loads((run_dir / "result.json").read_text())["selected"] == "ema"
+
+
 def test_second_signal_exits_at_once(tmp_path):
     script = (
         "import os, signal, time\n"

@@ -14,13 +14,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifarlab import checkpoint
-from cifarlab.config import AugmentConfig, apply_dict
+from cifarlab.config import AugmentConfig, MixConfig, apply_dict
 from cifarlab.data.resident import build_resident_loader
 from cifarlab.errors import UserError
 from cifarlab.models import create_model
 from cifarlab.presets import seed
 from cifarlab.step import StepFlags, TrainStep, channels_last_is_safe, memory_format
 from cifarlab.train import fit
+from cifarlab.training.ema import ModelEma
+from cifarlab.training.mixing import Mixer, SoftTargetCrossEntropy
 
 # Operations after which a GPU's host waits for the device: reading a value (.item(),
 # bool(), int()), and ops whose output size depends on the data (boolean-mask indexing,
@@ -88,10 +90,29 @@ def test_batches_steps_and_flags_never_synchronise(fused):
     assert [f.step for f in flags.ready()] == [1]  # steps 2 and 3 are not read yet
 
 
+def test_mixup_cutmix_and_ema_steps_never_synchronise():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 10
+    train_step = step_parts(fused=True)
+    train_step.criterion = SoftTargetCrossEntropy()
+    train_step.ema = ModelEma(train_step.model, decay=0.99)
+    mixer = Mixer(MixConfig(mixup_alpha=0.2, cutmix_alpha=1.0), 10, 0.1, seed=0)
+    assert {mixer.draw(1, s, 32, 32).box is None for s in range(4)} == {True, False}
+    correct = torch.zeros((), dtype=torch.int64)
+    with SyncOps() as mode:
+        for step in range(4):
+            mixed, targets, labels = mixer(x, y, 1, step)
+            loss, logits = train_step(mixed, targets)
+            correct += (logits.argmax(1) == labels).sum()
+    assert mode.seen == []
+    assert train_step.ema.updates == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_steps_never_wait_for_the_device():
+@pytest.mark.parametrize("recipe", ["seed", "mix+ema"])
+def test_on_a_gpu_steps_never_wait_for_the_device(recipe):
     """CUDA's own check: any synchronising call inside raises (fp16 with the GradScaler and
-    the fused optimizer, as `seed` runs on a GPU)."""
+    the fused optimizer, as `seed` runs on a GPU; and with mixup/CutMix and the EMA)."""
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (256, 32, 32, 3), dtype=torch.uint8, generator=g)
@@ -106,14 +127,24 @@ def test_on_a_gpu_steps_never_wait_for_the_device():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     train_step = TrainStep(model, nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
                            torch.amp.GradScaler("cuda"), scheduler, torch.float16)
+    mixer = None
+    if recipe == "mix+ema":
+        train_step.criterion = SoftTargetCrossEntropy()
+        train_step.ema = ModelEma(model, decay=0.99)
+        mixer = Mixer(MixConfig(mixup_alpha=0.2, cutmix_alpha=1.0), 10, 0.1, seed=0)
     flags = StepFlags(device, lag=2)
-    train_step(*next(batches))  # first step: cuDNN autotuning, lazy state
+    x, y = next(batches)
+    if mixer is not None:
+        x, y, _ = mixer(x, y, 1, 0)
+    train_step(x, y)  # first step: cuDNN autotuning, lazy state
     torch.cuda.synchronize()
     read = []
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(1, 4):
             x, y = next(batches)
+            if mixer is not None:
+                x, y, _ = mixer(x, y, 1, step)
             loss, _ = train_step(x, y)
             flags.record(step, loss, stop_requested=False)
             read += flags.ready()  # waits on an event only: not a synchronising call

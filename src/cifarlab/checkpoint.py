@@ -11,7 +11,8 @@ A checkpoint is a plain dict of tensors and built-in types, so it loads with
     config             the run's resolved config (Config.to_dict())
     run_id             the id of the run folder it was written into (its `run_id` file)
     epoch, val_acc     the epoch (1-based) it was taken after, and its validation accuracy
-    train_state        last.pt only: optimizer, scheduler, scaler, early stopping, RNG states
+    train_state        last.pt only: optimizer, scheduler, scaler, early stopping, RNG states,
+                       and with EMA on its weights and update count ({"weights", "updates"})
 """
 
 from __future__ import annotations

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{text} [{key}]")
     train.add_argument("--deterministic", action="store_true", default=None,
                        help="deterministic CUDA kernels, repeatable runs (slower) [deterministic]")
+    train.add_argument("--tensorboard", action="store_true", default=None,
+                       help="write TensorBoard scalars and hyperparameters under "
+                            "<run>/tensorboard [tensorboard]")
     train.add_argument("--gpus", type=int, metavar="N",
                        help="train on N GPUs through torchrun (with --device cpu: N processes)")
     train.add_argument("--resume", metavar="RUN_DIR",
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Settings that may differ on --resume without --allow-changes: they change nothing the
 # run computes (the loader's output does not depend on the number of workers).
-RESUME_FREE = ("data.workers", "out", "name", "stop_grace")
+RESUME_FREE = ("data.workers", "out", "name", "stop_grace", "tensorboard")
 
 
 def resolve_config(args: argparse.Namespace, base: cfg.Config | None = None) -> cfg.Config:
@@ -166,6 +169,8 @@ def resolve_config(args: argparse.Namespace, base: cfg.Config | None = None) -> 
             config = cfg.apply_dict(config, cfg.nest(key, value))
     if args.deterministic:
         config = cfg.apply_dict(config, {"deterministic": True})
+    if args.tensorboard:
+        config = cfg.apply_dict(config, {"tensorboard": True})
     for text in args.overrides:
         config = cfg.apply_dict(config, cfg.parse_override(text))
     return config.validate()

@@ -21,7 +21,11 @@ from cifarlab.errors import UserError
 
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
-SCHEDULES = ("cosine", "constant")
+# Learning-rate schedules after the warm-up (schedule.py): each a pure function of the step.
+SCHEDULES = ("cosine", "onecycle", "multistep", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+# Which weights the best checkpoint is chosen on (and best.pt holds): the model's or the EMA's.
+EMA_SELECT = ("model", "ema")
 LOADERS = ("auto", "torchvision", "resident")
 # torch.compile modes for the training step; "off": eager.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -86,13 +90,38 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # "sgd" (momentum, optionally Nesterov) or "adamw" (betas 0.9, 0.999)
     lr: float = 0.1  # at batch_size 256; not rescaled automatically
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 5e-4  # SGD: L2 added to the gradient; AdamW: decoupled
+    nesterov: bool = False  # SGD only
     label_smoothing: float = 0.1
-    schedule: str = "cosine"  # after warm-up: "cosine" to zero, or "constant"
+    # After warm-up: "cosine" to zero, "onecycle" (linear to zero), "multistep" (times
+    # `gamma` at each milestone) or "constant"; see schedule.py.
+    schedule: str = "cosine"
     warmup_epochs: float = 5.0  # linear warm-up from lr/steps to lr
+    # multistep: fractions of the run's steps (e.g. 0.5 of 200 epochs: epoch 100)
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1  # multistep: factor at each milestone
+
+
+@dataclass
+class MixConfig:
+    """mixup and CutMix (training/mixing.py); off while both alphas are 0."""
+
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) for mixup's lambda; 0: no mixup
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) for CutMix's lambda; 0: no CutMix
+    prob: float = 1.0  # probability that a batch is mixed at all
+    switch_prob: float = 0.5  # with both on: probability of CutMix instead of mixup
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (training/ema.py)."""
+
+    enabled: bool = False
+    decay: float = 0.999  # per step, reached after a warm-up: min(decay, (1 + n) / (10 + n))
+    select: str = "model"  # the best checkpoint is chosen on (and holds) "model" or "ema"
 
 
 @dataclass
@@ -101,6 +130,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     epochs: int = 100
     batch_size: int = 256
     # Validation and test (and `evaluate`, `predict` of its checkpoints) score each image by
@@ -119,6 +150,7 @@ class Config:
     # exits on its own (a step stuck in native code); a second signal exits at once.
     stop_grace: float = 60.0
     sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch
+    tensorboard: bool = False  # per-epoch scalars and hyperparameters under <run>/tensorboard
     out: str = "runs"
     name: str | None = None  # run folder name; default <preset>-<timestamp>
 
@@ -191,6 +223,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):  # a list of any length
+        inner = typing.get_args(hint)[0]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, inner, key) for v in value)
+        raise UserError(f"setting '{key}' needs a list of numbers, got {value!r}")
     if origin is tuple:
         args = typing.get_args(hint)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -230,6 +267,8 @@ def apply_dict(config: Config, updates: dict[str, Any]) -> Config:
     config.data = dataclasses.replace(config.data, augment=dataclasses.replace(config.data.augment))
     config.model = dataclasses.replace(config.model)
     config.optim = dataclasses.replace(config.optim)
+    config.mix = dataclasses.replace(config.mix)
+    config.ema = dataclasses.replace(config.ema)
     _merge(config, updates)
     return config
 
@@ -431,6 +470,20 @@ def ordered_pair(lo: float, hi: float | None, *, lo_open: bool = False, what: st
                 ok, nearest)
 
 
+def increasing_fractions(what: str) -> Rule:
+    """One or more numbers in (0, 1), each larger than the one before."""
+    def ok(v: tuple) -> bool:
+        return (len(v) > 0 and all(_finite(x) and 0 < x < 1 for x in v)
+                and all(a < b for a, b in zip(v, v[1:], strict=False)))
+
+    def nearest(v: tuple, default: Any) -> Any:
+        kept = sorted({x for x in v if _finite(x) and 0 < x < 1})
+        return tuple(kept) or default
+
+    return Rule(f"{what}: one or more numbers in (0, 1), each larger than the one before",
+                ok, nearest)
+
+
 TEXT = Rule("a non-empty text", lambda v: bool(str(v).strip()), lambda v, d: d)
 ANY = Rule("", lambda v: True, lambda v, d: d)  # bools: the type check is all there is
 
@@ -494,6 +547,7 @@ RULES: dict[str, Rule] = {
     "data.augment.cutout": integer(0, 32, what="a square side in pixels (0: off)"),
     "model.name": choice(_models),
     "model.width": integer(1, MAX_WIDTH, what="a number of channels"),
+    "optim.name": choice(OPTIMIZERS),
     "optim.lr": number(0, lo_open=True, what="a learning rate"),
     "optim.momentum": number(0, 1, hi_open=True),
     "optim.weight_decay": number(0, 1),
@@ -501,6 +555,15 @@ RULES: dict[str, Rule] = {
     "optim.label_smoothing": number(0, 1, hi_open=True),
     "optim.schedule": choice(SCHEDULES),
     "optim.warmup_epochs": number(0, MAX_COUNT, what="a number of epochs"),
+    "optim.milestones": increasing_fractions("fractions of the run"),
+    "optim.gamma": number(0, 1, lo_open=True, what="a factor"),
+    "mix.mixup_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
+    "mix.cutmix_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
+    "mix.prob": PROBABILITY,
+    "mix.switch_prob": PROBABILITY,
+    "ema.enabled": ANY,
+    "ema.decay": number(0, 1, hi_open=True, what="a decay per step"),
+    "ema.select": choice(EMA_SELECT),
     "epochs": integer(1, MAX_COUNT),
     "batch_size": integer(1, MAX_COUNT),
     "tta_flip": ANY,
@@ -512,6 +575,7 @@ RULES: dict[str, Rule] = {
     "deterministic": ANY,
     "stop_grace": number(0, MAX_COUNT, lo_open=True, what="a number of seconds"),
     "sync_batchnorm": ANY,
+    "tensorboard": ANY,
     "out": TEXT,
     "name": RUN_NAME,
 }
@@ -533,6 +597,12 @@ CROSS_RULES: list[typing.Callable[[Config], str | None]] = [
     lambda c: None if not c.optim.nesterov or c.optim.momentum > 0 else (
         "optim.nesterov=true needs optim.momentum > 0, got 0; e.g. --set optim.momentum=0.9, "
         "or --set optim.nesterov=false"),
+    lambda c: None if not c.optim.nesterov or c.optim.name == "sgd" else (
+        f"optim.nesterov=true is for SGD, and optim.name is {c.optim.name}; e.g. --set "
+        "optim.nesterov=false, or --set optim.name=sgd"),
+    lambda c: None if c.ema.select == "model" or c.ema.enabled else (
+        "ema.select=ema needs ema.enabled=true; e.g. --set ema.enabled=true, or --set "
+        "ema.select=model"),
     lambda c: None if not (c.sync_batchnorm and c.device == "cpu") else (
         "sync_batchnorm=true needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU version); "
         "e.g. --set sync_batchnorm=false"),

@@ -35,7 +35,7 @@ class Epoch:
     epoch: int  # 1-based
     lr: float  # learning rate of the epoch's last optimizer step
     train_loss: float  # mean of the run's criterion (label smoothing included) while training
-    train_acc: float  # percent, on the augmented training images
+    train_acc: float  # percent, on the augmented training images (mixup/CutMix: dominant label)
     val_loss: float
     val_acc: float  # percent
     seconds: float  # wall time of the epoch, validation included

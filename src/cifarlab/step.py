@@ -19,6 +19,7 @@ from torch import nn
 
 from cifarlab import distributed
 from cifarlab.errors import UserError
+from cifarlab.training.ema import ModelEma
 
 # oneDNN's largest vector block, in float32 channels: 8 with AVX2, 16 with AVX-512.
 ONEDNN_MAX_BLOCK = 16
@@ -105,8 +106,9 @@ def check_compile(mode: str, device: torch.device) -> None:
 
 @dataclass
 class TrainStep:
-    """Forward, loss, backward and optimizer step on one batch; returns the detached loss and
-    logits, still on the device."""
+    """Forward, loss, backward, optimizer step and (with `ema`) the moving average's update
+    on one batch; returns the detached loss and logits, still on the device. The targets are
+    labels, or target distributions with a soft-target criterion (training/mixing.py)."""
 
     model: nn.Module  # the module that steps (DDP-wrapped and/or compiled)
     criterion: nn.Module
@@ -114,6 +116,7 @@ class TrainStep:
     scaler: torch.amp.GradScaler  # disabled unless fp16
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per batch
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
+    ema: ModelEma | None = None  # updated after every optimizer step
 
     def __post_init__(self) -> None:
         self.cpu_layout = memory_format("cpu", self.model)
@@ -132,6 +135,8 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         return loss.detach(), logits.detach()
 
 

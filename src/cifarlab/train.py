@@ -18,8 +18,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cifarlab import checkpoint, distributed, memory
-from cifarlab.config import Config
+from cifarlab.config import Config, flat_settings
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.loader import EpochBatchSampler, build_train_loader
 from cifarlab.data.resident import ResidentLoader, build_resident_loader
@@ -41,12 +41,16 @@ from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest, heartbeat
 from cifarlab.models import create_model, model_args
 from cifarlab.report import write_report
-from cifarlab.schedule import lr_factor
 from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled, memory_format
+from cifarlab.training.board import Board, check_available
+from cifarlab.training.ema import ModelEma
+from cifarlab.training.mixing import build_mixer, no_mixing
+from cifarlab.training.optim import build_optimizer, schedule_of, set_hyperparameters
 
 log = logging.getLogger("cifarlab")
 
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
+EMA_METRICS = ("ema_val_loss", "ema_val_acc")  # before `seconds`, when EMA is on
 # Steps between a step and the host reading its flags (step.StepFlags); the device runs
 # that far ahead of the checks. A NaN loss therefore stops training FLAG_LAG steps late at
 # most, before any checkpoint is written from the poisoned weights.
@@ -61,6 +65,7 @@ class FitResult:
     run_dir: str
     best_val_acc: float  # percent
     best_epoch: int  # 1-based
+    selected: str  # "model" or "ema": the weights best.pt holds and best_val_acc measures
     test_acc: float | None  # percent, of the best checkpoint; None without test data
     epochs_run: int
     stopped_early: bool
@@ -164,6 +169,10 @@ def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
     if args != wanted:
         raise UserError(f"--resume {run_dir}: last.pt holds {_describe(args)}, the config asks "
                         f"for {_describe(wanted)}")
+    saved_optimizer = state.get("config", {}).get("optim", {}).get("name", "sgd")
+    if saved_optimizer != config.optim.name:
+        raise UserError(f"--resume {run_dir}: the run trained with optim.name={saved_optimizer}"
+                        f", whose state cannot continue as {config.optim.name}; start a new run")
     epoch, _ = state["train_state"]["position"]
     stopper = EarlyStopping(**state["train_state"]["early_stopping"])
     if epoch > config.epochs or stopper.should_stop:
@@ -298,11 +307,15 @@ def save(payload: dict[str, Any], path: Path) -> None:
 
 def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
     """metrics.csv from the history in last.pt, rewritten whole so that the two agree."""
+    columns = METRICS
+    if any("ema_val_acc" in row for row in history):  # empty cells for epochs without EMA
+        columns = (*METRICS[:-1], *EMA_METRICS, METRICS[-1])
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(METRICS)
+    writer.writerow(columns)
     for row in history:
-        writer.writerow([row["epoch"], *(f"{row[k]:.6g}" for k in METRICS[1:])])
+        writer.writerow([row["epoch"], *(f"{row[k]:.6g}" if k in row else ""
+                                         for k in columns[1:])])
     checkpoint.write_atomic(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
 
 
@@ -346,6 +359,8 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
         raise UserError("sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
                         "version); drop --set sync_batchnorm=true")
     check_compile(config.compile, device)
+    if config.tensorboard:
+        check_available()
     if config.batch_size % world.size:
         raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
                         f"evenly over {world.size} processes; change --batch-size")
@@ -414,6 +429,162 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
             set_deterministic(False)
 
 
+@dataclass
+class Parts:
+    """What a run trains with, built once by `build_parts`."""
+
+    model: nn.Module  # what is evaluated and saved
+    train_model: nn.Module  # what steps: `model`, or DDP around it (averages the gradients)
+    step: TrainStep  # owns the optimizer, scheduler, scaler and EMA
+    criterion: nn.Module  # validation loss: cross-entropy with the run's label smoothing
+    mix: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # training/mixing.py
+    ema: ModelEma | None
+    lr_at: Callable[[int], float]  # multiplier of optim.lr at each step
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    sampler: EpochBatchSampler | ResidentLoader  # positions the loader: set_epoch(epoch, step)
+    layout: torch.memory_format  # of the model and its batches (step.memory_format)
+
+
+@dataclass
+class Progress:
+    """Where the run stands; last.pt saves it with the weights and the optimizer."""
+
+    early_stopping: EarlyStopping
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch: int = 1  # the next step to run
+    step: int = 0
+    partial: dict[str, float] = field(default_factory=lambda: NO_PARTIAL_EPOCH)  # its sums
+    earlier_seconds: float = 0.0  # training time before this process took over
+    started: float = field(default_factory=time.perf_counter)  # when this process took over
+
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.started
+
+
+def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.device,
+                amp_dtype: torch.dtype | None, world: World) -> Parts:
+    if config.sync_batchnorm and world.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    layout = memory_format(device, model)  # on the CPU, NCHW where oneDNN would fail (step.py)
+    model = model.to(device, memory_format=layout)
+    train_model = model
+    if world.distributed:
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(model.parameters(), config.optim, device)
+    loader, sampler = make_loader(config, splits, device, world)
+    lr_at = schedule_of(config.optim, config.epochs, len(loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    mixer, train_loss = build_mixer(config.mix, len(splits.classes),
+                                    config.optim.label_smoothing, config.seed, world.rank)
+    ema = ModelEma(model, config.ema.decay) if config.ema.enabled else None
+    step = TrainStep(compiled(train_model, config.compile, device), train_loss, optimizer,
+                     scaler, scheduler, amp_dtype, ema)
+    return Parts(model, train_model, step,
+                 nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
+                 mixer or no_mixing, ema, lr_at, loader, sampler, layout)
+
+
+def restore(parts: Parts, config: Config, state: dict[str, Any]) -> Progress:
+    """Load last.pt's weights, optimizer, schedule, loss scale, EMA and RNG states; the
+    progress it saved."""
+    ts = state["train_state"]
+    parts.model.load_state_dict(state["model"])
+    optimizer, scheduler = parts.step.optimizer, parts.step.scheduler
+    optimizer.load_state_dict(ts["optimizer"])
+    scheduler.load_state_dict(ts["scheduler"])
+    set_hyperparameters(optimizer, scheduler, config.optim, parts.lr_at)
+    parts.step.scaler.load_state_dict(ts["scaler"])
+    if parts.ema is not None:  # EMA switched on at resume: it starts from the weights
+        parts.ema.load_state_dict(ts.get("ema", {"weights": state["model"], "updates": 0}))
+    early_stopping = EarlyStopping(**ts["early_stopping"])
+    early_stopping.patience = config.patience
+    set_rng_states(ts["rng"])
+    (epoch, step), partial = ts["position"], ts["partial_epoch"]
+    return Progress(early_stopping, ts["history"], epoch, step, partial, ts["train_seconds"])
+
+
+def save_last(run_dir: Path, parts: Parts, progress: Progress, position: tuple[int, int],
+              partial: dict[str, float], payload: dict[str, Any]) -> None:
+    """last.pt: the weights of `payload` and everything the step at `position` needs."""
+    payload["train_state"] = {
+        "optimizer": parts.step.optimizer.state_dict(),
+        "scheduler": parts.step.scheduler.state_dict(),
+        "scaler": parts.step.scaler.state_dict(),
+        "early_stopping": asdict(progress.early_stopping),
+        "history": progress.history,
+        "position": list(position),
+        "partial_epoch": partial,
+        "train_seconds": progress.seconds(),
+        "rng": rng_states(),
+    }
+    if parts.ema is not None:
+        payload["train_state"]["ema"] = parts.ema.state_dict()
+    save(payload, run_dir / "last.pt")
+
+
+def epoch_sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> dict[str, float]:
+    """An epoch's running sums, added up over the ranks."""
+    totals = distributed.all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(
+        float(seen), dtype=torch.float64, device=loss_sum.device)])).tolist()
+    return {"loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2])}
+
+
+def train_epoch(parts: Parts, config: Config, epoch: int, step: int, partial: dict[str, float],
+                flags: StepFlags, stop: StopRequest, device: torch.device,
+                show_progress: bool) -> tuple[dict[str, float], int | None]:
+    """Train `epoch` from `step` (0-based) on; the epoch's sums (`partial` included), and
+    the step a stop was requested at (None when the epoch ran to its end)."""
+    parts.sampler.set_epoch(epoch, step)
+    parts.train_model.train()
+    # Running sums stay on the device so that no step waits for the host.
+    loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device)
+    correct = torch.tensor(partial["correct"], dtype=torch.int64, device=device)
+    seen = partial["seen"]
+    for x, y in tqdm(parts.loader, desc=f"epoch {epoch}", initial=step,
+                     total=len(parts.loader), leave=False, disable=not show_progress):
+        if check_flags(flags.ready(), epoch, config):
+            # Stop here, after the steps already queued, once none of them went NaN.
+            check_flags(flags.drain(), epoch, config)
+            return epoch_sums(loss_sum, correct, seen), step
+        x = x.to(device, non_blocking=True, memory_format=parts.layout)
+        y = y.to(device, non_blocking=True)
+        x, targets, labels = parts.mix(x, y, epoch, step)  # labels: the dominant ones
+        loss, logits = parts.step(x, targets)
+        loss_sum += loss.double() * len(y)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(y)
+        step += 1
+        flags.record(step, loss, stop.signum is not None)
+        heartbeat()
+    check_flags(flags.drain(), epoch, config)
+    check_loss_scale(parts.step.scaler, epoch)
+    return epoch_sums(loss_sum, correct, seen), None
+
+
+def validate(parts: Parts, config: Config, splits: Splits, device: torch.device,
+             amp_dtype: torch.dtype | None, world: World) -> dict[str, float]:
+    """Validation loss and accuracy of the model, and of the EMA weights when there are."""
+    scores = {}
+    for prefix, model in [("", parts.model)] + ([("ema_", parts.ema.module)] if parts.ema else []):
+        distributed.sync_buffers(model)
+        val = evaluate(model, splits.val, splits.mean, splits.std, device, amp_dtype=amp_dtype,
+                       criterion=parts.criterion, world=world, flip=config.tta_flip)
+        scores |= {f"{prefix}val_loss": val.loss, f"{prefix}val_acc": val.acc}
+    return scores
+
+
+def epoch_line(row: dict[str, float], epochs: int, improved: bool) -> str:
+    ema = (f"ema loss {row['ema_val_loss']:.4f} acc {row['ema_val_acc']:6.2f}%  "
+           if "ema_val_acc" in row else "")
+    return (f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4f}  "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%  {ema}"
+            f"{row['seconds']:.1f}s{'  *best' if improved else ''}")
+
+
 def _train(
     config: Config,
     splits: Splits,
@@ -426,85 +597,17 @@ def _train(
     world: World,
 ) -> FitResult:
     set_deterministic(config.deterministic)
-    if config.sync_batchnorm and world.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    layout = memory_format(device, model)  # on the CPU, NCHW where oneDNN would fail (step.py)
-    model = model.to(device, memory_format=layout)
-    # `model` is what is evaluated and saved; `train_model` what steps (DDP averages the
-    # gradients over the ranks during backward).
-    train_model = model
-    if world.distributed:
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.optim.lr,
-        momentum=config.optim.momentum,
-        weight_decay=config.optim.weight_decay,
-        nesterov=config.optim.nesterov,
-        fused=device.type == "cuda",  # one kernel for all parameters instead of one each
-    )
-    loader, sampler = make_loader(config, splits, device, world)
-    steps_per_epoch = len(loader)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.optim.warmup_epochs * steps_per_epoch)
-
-    def lr_at(step: int) -> float:
-        return lr_factor(step, total_steps, warmup_steps, config.optim.schedule)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    early_stopping = EarlyStopping(config.patience)
-    history: list[dict[str, float]] = []
-    start_epoch, start_step = 1, 0  # the next step to run
-    partial = NO_PARTIAL_EPOCH  # of an epoch stopped midway
-    earlier_seconds = 0.0  # training time before this process took over
+    parts = build_parts(config, splits, model, device, amp_dtype, world)
+    model, steps_per_epoch = parts.model, len(parts.loader)
+    progress = Progress(EarlyStopping(config.patience))
     if state is not None:
-        model.load_state_dict(state["model"])
-        ts = state["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        # The saved state carries the old hyperparameters; changes allowed on resume win.
-        scheduler.base_lrs = [config.optim.lr]
-        for group in optimizer.param_groups:
-            group.update(initial_lr=config.optim.lr, momentum=config.optim.momentum,
-                         weight_decay=config.optim.weight_decay, nesterov=config.optim.nesterov,
-                         lr=config.optim.lr * lr_at(scheduler.last_epoch))
-        scaler.load_state_dict(ts["scaler"])
-        early_stopping = EarlyStopping(**ts["early_stopping"])
-        early_stopping.patience = config.patience
-        history = ts["history"]
-        (start_epoch, start_step), partial = ts["position"], ts["partial_epoch"]
-        earlier_seconds = ts["train_seconds"]
-        set_rng_states(ts["rng"])
-        log.info(f"resuming {run_dir} at epoch {start_epoch}, step {start_step}")
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        f"run {run_dir}: {config.model.name} width {config.model.width} ({n_params:,} parameters)"
-        f" on {world.size} x {device.type}, amp {amp_dtype or 'off'}; "
-        f"{len(splits.train.labels):,} train / {len(splits.val.labels):,} val / "
-        f"{len(splits.test.labels) if splits.test else 0:,} test images, "
-        f"{len(splits.classes)} classes"
-    )
-    process_start = time.perf_counter()
-
-    def save_last(epoch: int, step: int, partial: dict[str, float], payload: dict) -> None:
-        payload["train_state"] = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "early_stopping": asdict(early_stopping),
-            "history": history,
-            "position": [epoch, step],
-            "partial_epoch": partial,
-            "train_seconds": earlier_seconds + time.perf_counter() - process_start,
-            "rng": rng_states(),
-        }
-        save(payload, run_dir / "last.pt")
+        progress = restore(parts, config, state)
+        log.info(f"resuming {run_dir} at epoch {progress.epoch}, step {progress.step}")
+    log.info(describe_run(config, splits, model, device, amp_dtype, world, run_dir))
+    # The best checkpoint is chosen on, and holds, the model's weights or the EMA's.
+    select = "ema" if config.ema.select == "ema" else "model"
+    select_key = "ema_val_acc" if select == "ema" else "val_acc"
+    board = Board(run_dir) if config.tensorboard and world.is_main else None
 
     def interrupted(epoch: int, step: int) -> TrainingInterrupted:
         return TrainingInterrupted(
@@ -513,91 +616,92 @@ def _train(
             stop.signum or 0,
         )
 
-    def sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> dict[str, float]:
-        """The epoch's running sums, added up over the ranks."""
-        totals = distributed.all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(
-            float(seen), dtype=torch.float64, device=device)])).tolist()
-        return {"loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2])}
-
-    show_progress = sys.stderr.isatty() and world.is_main
-    train_step = TrainStep(compiled(train_model, config.compile, device), criterion, optimizer,
-                           scaler, scheduler, amp_dtype)
     flags = StepFlags(device, lag=FLAG_LAG)  # drained at the end of every epoch
-    epoch = start_epoch
-    for epoch in range(start_epoch, config.epochs + 1):
+    show_progress = sys.stderr.isatty() and world.is_main
+    epoch = progress.epoch
+    for epoch in range(progress.epoch, config.epochs + 1):
         epoch_start = time.perf_counter()
-        step = start_step if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, step)
-        train_model.train()
-        # Running sums stay on the device so that no step waits for the host; a resumed
-        # epoch starts from the totals saved by rank 0 (the other ranks add zero).
-        resumed = partial if epoch == start_epoch and world.is_main else NO_PARTIAL_EPOCH
-        loss_sum = torch.tensor(resumed["loss_sum"], dtype=torch.float64, device=device)
-        correct = torch.tensor(resumed["correct"], dtype=torch.int64, device=device)
-        seen = resumed["seen"]
-        for x, y in tqdm(loader, desc=f"epoch {epoch}", initial=step, total=steps_per_epoch,
-                         leave=False, disable=not show_progress):
-            if check_flags(flags.ready(), epoch, config):
-                # Stop here, after the steps already queued, once none of them went NaN.
-                check_flags(flags.drain(), epoch, config)
-                totals = sums(loss_sum, correct, seen)
-                if world.is_main:
-                    weights = weights_payload(model, config, splits, epoch - 1, None)
-                    save_last(epoch, step, totals, weights)
-                distributed.barrier()  # no rank exits before rank 0 has saved
-                raise interrupted(epoch, step)
-            x = x.to(device, non_blocking=True, memory_format=layout)
-            y = y.to(device, non_blocking=True)
-            loss, logits = train_step(x, y)
-            loss_sum += loss.double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            step += 1
-            flags.record(step, loss, stop.signum is not None)
-            heartbeat()
-        check_flags(flags.drain(), epoch, config)
-        check_loss_scale(scaler, epoch)
+        first = epoch == progress.epoch
+        # A resumed epoch starts from the sums saved by rank 0 (the other ranks add zero).
+        partial = progress.partial if first and world.is_main else NO_PARTIAL_EPOCH
+        totals, stopped_at = train_epoch(parts, config, epoch, progress.step if first else 0,
+                                         partial, flags, stop, device, show_progress)
+        if stopped_at is not None:
+            if world.is_main:
+                weights = weights_payload(model, config, splits, epoch - 1, None)
+                save_last(run_dir, parts, progress, (epoch, stopped_at), totals, weights)
+            distributed.barrier()  # no rank exits before rank 0 has saved
+            raise interrupted(epoch, stopped_at)
 
-        totals = sums(loss_sum, correct, seen)
-        distributed.sync_buffers(model)
-        val = evaluate(model, splits.val, splits.mean, splits.std, device,
-                       amp_dtype=amp_dtype, criterion=criterion, world=world,
-                       flip=config.tta_flip)
-        history.append({
+        scores = validate(parts, config, splits, device, amp_dtype, world)
+        row = {
             "epoch": epoch,
-            "lr": scheduler.base_lrs[0] * lr_at(epoch * steps_per_epoch - 1),  # epoch's last step
+            # the rate of the epoch's last step
+            "lr": parts.step.scheduler.base_lrs[0] * parts.lr_at(epoch * steps_per_epoch - 1),
             "train_loss": totals["loss_sum"] / totals["seen"],
             "train_acc": 100.0 * totals["correct"] / totals["seen"],
-            "val_loss": val.loss,
-            "val_acc": val.acc,
+            **scores,
             "seconds": time.perf_counter() - epoch_start,
-        })
-        improved = early_stopping.update(epoch, val.acc)
+        }
+        progress.history.append(row)
+        improved = progress.early_stopping.update(epoch, row[select_key])
         if world.is_main:
-            payload = weights_payload(model, config, splits, epoch, val.acc)
+            payload = weights_payload(model, config, splits, epoch, row["val_acc"])
             if improved:
-                save(payload, run_dir / "best.pt")
-            save_last(epoch + 1, 0, NO_PARTIAL_EPOCH, payload)
-            write_metrics(run_dir, history)
-        row = history[-1]
-        log.info(
-            f"epoch {epoch:>3}/{config.epochs}  lr {row['lr']:.4f}  "
-            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%  "
-            f"{row['seconds']:.1f}s{'  *best' if improved else ''}"
-        )
+                save(payload if select == "model" else weights_payload(
+                    parts.ema.module, config, splits, epoch, row[select_key]),
+                    run_dir / "best.pt")
+            save_last(run_dir, parts, progress, (epoch + 1, 0), NO_PARTIAL_EPOCH, payload)
+            write_metrics(run_dir, progress.history)
+            if board is not None:
+                board.epoch(row)
+        log.info(epoch_line(row, config.epochs, improved))
+
         stop_now = torch.tensor(float(stop.signum is not None), device=device)
         if distributed.all_reduce(stop_now, "max") > 0:
             distributed.barrier()
             raise interrupted(epoch + 1, 0)
-        if early_stopping.should_stop:
+        if progress.early_stopping.should_stop:
             log.info(f"early stop: no better validation accuracy in {config.patience} epochs")
             break
-    train_seconds = earlier_seconds + time.perf_counter() - process_start
+
+    result = finish(config, splits, model, device, amp_dtype, run_dir, progress, epoch, select,
+                    world)
+    if board is not None:
+        board.finish(flat_settings(config), asdict(result))
+        board.close()
+    return result
+
+
+def describe_run(config: Config, splits: Splits, model: nn.Module, device: torch.device,
+                 amp_dtype: torch.dtype | None, world: World, run_dir: Path) -> str:
+    n_params = sum(p.numel() for p in model.parameters())
+    optim, mix = config.optim, config.mix
+    mixing = (f"mixup alpha {mix.mixup_alpha:g}, CutMix alpha {mix.cutmix_alpha:g} "
+              f"(p {mix.prob:g}, switch {mix.switch_prob:g})"
+              if mix.mixup_alpha or mix.cutmix_alpha else "no mixup/CutMix")
+    ema = f"EMA decay {config.ema.decay:g}" if config.ema.enabled else "no EMA"
+    chosen = "EMA weights" if config.ema.select == "ema" else "model's weights"
+    return (
+        f"run {run_dir}: {config.model.name} width {config.model.width} ({n_params:,} "
+        f"parameters) on {world.size} x {device.type}, amp {amp_dtype or 'off'}; "
+        f"{len(splits.train.labels):,} train / {len(splits.val.labels):,} val / "
+        f"{len(splits.test.labels) if splits.test else 0:,} test images, "
+        f"{len(splits.classes)} classes; {optim.name}{' nesterov' if optim.nesterov else ''} "
+        f"lr {optim.lr:g}, {optim.schedule} schedule, {mixing}, {ema}; the best checkpoint "
+        f"is chosen on the validation accuracy of the {chosen}"
+    )
+
+
+def finish(config: Config, splits: Splits, model: nn.Module, device: torch.device,
+           amp_dtype: torch.dtype | None, run_dir: Path, progress: Progress, epochs_run: int,
+           selected: str, world: World) -> FitResult:
+    """Test best.pt, write result.json (rank 0) and return the result."""
+    train_seconds = progress.seconds()
     if not distributed.same_on_all_ranks(list(model.state_dict().values())):
         raise TrainingFailed("the ranks ended with different weights; this is a bug in the "
                              "distributed setup, please report it with the command line")
-
+    early_stopping = progress.early_stopping
     test_acc, test_per_class, test_confusion = None, None, None
     if splits.test is not None:
         distributed.barrier()  # best.pt is complete before any rank reads it
@@ -608,15 +712,16 @@ def _train(
         test_acc = test.acc
         test_per_class = [None if np.isnan(a) else a for a in test.per_class_acc]
         test_confusion = test.confusion.tolist()
-        log.info(f"test accuracy of the best checkpoint (epoch {early_stopping.best_epoch}): "
-                 f"{test_acc:.2f}%")
+        log.info(f"test accuracy of the best checkpoint ({selected} weights, epoch "
+                 f"{early_stopping.best_epoch}): {test_acc:.2f}%")
 
     result = FitResult(
         run_dir=str(run_dir),
         best_val_acc=early_stopping.best,
         best_epoch=early_stopping.best_epoch,
+        selected=selected,
         test_acc=test_acc,
-        epochs_run=epoch,
+        epochs_run=epochs_run,
         stopped_early=early_stopping.should_stop,
         train_seconds=train_seconds,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -636,6 +741,6 @@ def _train(
     if world.is_main:
         text = json.dumps(asdict(result), indent=2) + "\n"
         checkpoint.write_atomic(run_dir / "result.json", lambda f: f.write(text.encode()))
-    log.info(f"best validation accuracy {result.best_val_acc:.2f}% at epoch {result.best_epoch}; "
-             f"{train_seconds:.1f}s; results in {run_dir}")
+    log.info(f"best validation accuracy {result.best_val_acc:.2f}% ({selected} weights) at "
+             f"epoch {result.best_epoch}; {train_seconds:.1f}s; results in {run_dir}")
     return result
