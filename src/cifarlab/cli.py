@@ -190,6 +190,10 @@ def add_deploy_commands(commands: Any) -> None:
                           help="largest validation accuracy loss accepted (default 1.0)")
     quantize.add_argument("--test-data", metavar="SPEC", help="also report test accuracy "
                           "(never used for choices)")
+    quantize.add_argument("--int8-format", default="auto",
+                          choices=["auto", "qdq-u8s8", "qdq-s8s8", "qoperator-u8s8"],
+                          help="auto: the fastest that passes, measured here; a named one: only "
+                               "that one")
     quantize.add_argument("--threads", type=int, help="threads for timing (default: all)")
     quantize.add_argument("--data-root", default="data")
 
@@ -463,7 +467,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         check_range("--threads", args.threads, 1, None, 2)
     result = quantize(args.checkpoint, args.data, args.output, calibration=args.calibration,
                       images=args.images, max_drop=args.max_drop, test_data=args.test_data,
-                      data_root=args.data_root, threads=args.threads)
+                      data_root=args.data_root, threads=args.threads,
+                      int8_format=args.int8_format)
     chosen = next(s for s in result.int8 if s.name == result.chosen)
     print(f"wrote {result.path}: {result.chosen}, the fastest int8 format within "
           f"{result.max_drop:g} points of float32 ({chosen.val_acc:.2f}% against "

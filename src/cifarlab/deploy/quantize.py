@@ -38,6 +38,7 @@ CALIBRATION_BATCH = 32
 
 @dataclass(frozen=True)
 class Candidate:
+    key: str  # what --int8-format names it
     name: str  # e.g. "QDQ U8S8 reduce_range"
     quant_format: str  # "QDQ" or "QOperator"
     activations: str  # "uint8" or "int8"
@@ -48,9 +49,13 @@ def candidates(cpu: runtime.CpuInfo) -> list[Candidate]:
     """The int8 formats worth trying on this CPU (weights always int8, per channel)."""
     reduce = not cpu.vnni  # u8s8 without VNNI: 7-bit weights keep vpmaddubsw from saturating
     suffix = " reduce_range" if reduce else ""
-    return [Candidate(f"QDQ U8S8{suffix}", "QDQ", "uint8", reduce),
-            Candidate("QDQ S8S8", "QDQ", "int8", False),  # onnxruntime's documented default
-            Candidate(f"QOperator U8S8{suffix}", "QOperator", "uint8", reduce)]
+    return [Candidate("qdq-u8s8", f"QDQ U8S8{suffix}", "QDQ", "uint8", reduce),
+            # onnxruntime's documented default activation and weight types
+            Candidate("qdq-s8s8", "QDQ S8S8", "QDQ", "int8", False),
+            Candidate("qoperator-u8s8", f"QOperator U8S8{suffix}", "QOperator", "uint8", reduce)]
+
+
+INT8_FORMATS = ("auto", "qdq-u8s8", "qdq-s8s8", "qoperator-u8s8")
 
 
 class CalibrationImages:
@@ -139,13 +144,16 @@ def score(path: Path, name: str, val: ImageSet, test: ImageSet | None, threads: 
 def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
              calibration: str = "minmax", images: int = 512, max_drop: float = 1.0,
              test_data: str | None = None, data_root: str | Path = "data",
-             threads: int | None = None) -> QuantizeResult:
-    """Quantize a checkpoint (or a run folder's best.pt); see the module docstring."""
+             threads: int | None = None, int8_format: str = "auto") -> QuantizeResult:
+    """Quantize a checkpoint (or a run folder's best.pt); see the module docstring.
+    `int8_format` other than "auto" tries that candidate only (still accuracy-checked)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if calibration not in CALIBRATIONS:
         raise UserError(f"--calibration {calibration}: must be one of {', '.join(CALIBRATIONS)}")
+    if int8_format not in INT8_FORMATS:
+        raise UserError(f"--int8-format {int8_format}: must be one of {', '.join(INT8_FORMATS)}")
     if images < 1:
         raise UserError(f"--images {images}: must be at least 1; e.g. --images 512")
     if not max_drop >= 0:
@@ -177,7 +185,8 @@ def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
         log.info(_line(fp32, fp32))
         cache = tmp / "calibration.json"  # one calibration serves every candidate
         tried: list[tuple[Scored, Path, Candidate]] = []
-        for i, candidate in enumerate(candidates(cpu)):
+        tried_formats = [c for c in candidates(cpu) if int8_format in ("auto", c.key)]
+        for i, candidate in enumerate(tried_formats):
             path = tmp / f"int8-{i}.onnx"
             with export.quiet():
                 quantize_static(
