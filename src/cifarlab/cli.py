@@ -481,6 +481,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         check_range("--threads", args.threads, 1, None, 2)
+    if args.output:  # refused before minutes of measuring, not after
+        from cifarlab.plots import FORMATS
+
+        figure_path = Path(args.output)
+        if figure_path.suffix.lower() not in FORMATS or not figure_path.parent.is_dir():
+            raise UserError(f"-o {figure_path}: give a .png, .svg or .pdf file in an existing "
+                            "folder")
     result = bench(args.models, args.threads, args.data, args.data_root)
     print(result.to_json() if args.json else result.table())
     if args.output:
