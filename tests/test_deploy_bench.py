@@ -64,7 +64,7 @@ def test_bench_json_has_every_field(trained_run, onnx_file, tmp_path, capsys, mo
         assert r["params"] == rows[0]["params"] > 0 and r["macs"] == rows[0]["macs"] > 0
         assert r["acc_split"] == "test" and r["acc_images"] == 100
         assert 0 <= r["acc"] <= 100
-    assert rows[0]["acc"] == rows[1]["acc"]  # same model, same images
+    assert abs(rows[0]["acc"] - rows[1]["acc"]) <= 1.0  # same model and images: one tie at most
     assert figure.stat().st_size > 0
 
 

@@ -107,6 +107,25 @@ def test_a_failed_parity_check_leaves_no_file(best, tmp_path, capsys, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_wrong_dynamo_graph_falls_back_to_torchscript(best, tmp_path, capsys, monkeypatch):
+    real = export.onnx_proto
+
+    def wrong_dynamo(module, exporter):  # a graph that runs but computes something else
+        proto = real(module, exporter)
+        if exporter == "dynamo":
+            bias = max(proto.graph.initializer, key=lambda t: "bias" in t.name and t.dims == [10])
+            values = onnx.numpy_helper.to_array(bias) + 5.0 * np.arange(10)
+            bias.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), bias.name))
+        return proto
+
+    monkeypatch.setattr(export, "onnx_proto", wrong_dynamo)
+    out = tmp_path / "model.onnx"
+    code, stdout, err = run_cli(["export", best, "-o", out], capsys)
+    assert code == 0 and "(torchscript exporter)" in stdout
+    assert "note: dynamo export: logits differ from PyTorch's" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_a_model_the_exporters_cannot_handle_is_one_line(best, tmp_path, capsys, monkeypatch):
     def cannot(module, exporter):
         raise RuntimeError(f"unsupported operator aten::weird ({exporter})\nlong trace")

@@ -113,3 +113,16 @@ def test_bad_flags_are_one_line(trained_run, capsys, flags, message):
     code = main(["quantize", str(trained_run), "--data", "synthetic:300", *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_candidates_follow_the_cpu():
+    without = quantize.candidates(runtime.CpuInfo("old", ["avx2"], 2))
+    with_vnni = quantize.candidates(runtime.CpuInfo("new", ["avx2", "avx512_vnni"], 2))
+    assert not runtime.CpuInfo("old", ["avx2"], 2).vnni
+    # uint8 x int8 without VNNI: 7-bit weights (vpmaddubsw's 16-bit sums can saturate).
+    assert [c.reduce_range for c in without if c.activations == "uint8"] == [True, True]
+    assert all("reduce_range" in c.name for c in without if c.activations == "uint8")
+    assert not any(c.reduce_range for c in with_vnni)
+    # int8 x int8 (onnxruntime's default types) never needs it.
+    assert [c.reduce_range for c in without if c.activations == "int8"] == [False]
+    assert [c.key for c in with_vnni] == list(quantize.INT8_FORMATS[1:])
