@@ -126,3 +126,20 @@ def test_candidates_follow_the_cpu():
     # int8 x int8 (onnxruntime's default types) never needs it.
     assert [c.reduce_range for c in without if c.activations == "int8"] == [False]
     assert [c.key for c in with_vnni] == list(quantize.INT8_FORMATS[1:])
+
+
+def test_a_cpu_without_vnni_gets_7_bit_weights_and_is_told(trained_run, tmp_path, capsys,
+                                                           monkeypatch, one_candidate):
+    monkeypatch.setattr(runtime, "cpu_info", lambda: runtime.CpuInfo("AVX2 only", ["avx2"], 2))
+    out = tmp_path / "m.int8.onnx"
+    assert main(["quantize", str(trained_run), *FAST, "--max-drop", "100", "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "CPU: AVX2 only" in stdout and "VNNI: no" in stdout and "reduce_range" in stdout
+    info = runtime.OnnxClassifier(out).meta("quantization")
+    assert info["activations"] == "uint8" and info["reduce_range"] is True
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert weights and all(w.min() >= -64 and w.max() <= 64 for w in weights)  # 7 bits, symmetric
