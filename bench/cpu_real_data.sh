@@ -4,8 +4,11 @@
 # epochs, one warm-up epoch, the preset otherwise. `fast` runs at the seed's batch 256 and
 # lr 0.1 here (at batch 512 the small subset gives too few steps), with and without its
 # flip test-time augmentation and with the seed's augmentation instead of its own.
+# `best` runs with its own recipe shortened the same way, and without TrivialAugmentWide,
+# without Cutout and without its EMA, to see what each part does in a short run.
 # Usage: bench/cpu_real_data.sh [ARCHIVE] [OUT] [RUN ...]   (RUN: seed baseline fast
-#        fast-noflip fast-seedaug; default all)
+#        fast-noflip fast-seedaug best best-nopolicy best-nocutout best-noema; default the
+#        first five)
 set -euo pipefail
 archive=${1:-../shared/data/cifar10-jpeg-train.tar.gz}
 out=${2:-runs/bench-cpu}
@@ -24,6 +27,10 @@ for run in $runs; do
     fast) extra=(--preset fast "${small_batch[@]}") ;;
     fast-noflip) extra=(--preset fast "${small_batch[@]}" --set tta_flip=false) ;;
     fast-seedaug) extra=(--preset fast "${small_batch[@]}" "${seed_augment[@]}") ;;
+    best) extra=(--preset best) ;;
+    best-nopolicy) extra=(--preset best --set data.augment.policy=none) ;;
+    best-nocutout) extra=(--preset best --set data.augment.cutout=0) ;;
+    best-noema) extra=(--preset best --set ema.enabled=false --set ema.select=model) ;;
     *) echo "unknown run $run" >&2; exit 2 ;;
   esac
   .venv/bin/cifarlab train "${common[@]}" "${extra[@]}" --name "$run-limit5000-w16"

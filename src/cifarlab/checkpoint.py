@@ -40,9 +40,11 @@ TMP_SUFFIX = ".tmp"
 RUN_ID_FILE = "run_id"
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None],
+                 check: Callable[[Path], None] | None = None) -> None:
     """Write a file so that `path` always holds either its old or its new contents:
-    a temporary file in the same folder, flush and fsync, rename over, fsync the folder.
+    a temporary file in the same folder, flush and fsync, `check(temporary path)` (which
+    raises when the file is not good), rename over, fsync the folder.
     On any error the temporary file is removed and the old file is left as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
@@ -51,6 +53,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

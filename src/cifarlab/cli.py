@@ -2,13 +2,16 @@
 
     cifarlab train     [--preset NAME] [--config FILE] [--set KEY=VALUE ...] [flags]
     cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
-    cifarlab evaluate  CHECKPOINT|RUN_DIR --data SPEC [--json]
+    cifarlab evaluate  CHECKPOINT|RUN_DIR|MODEL.onnx --data SPEC [--json]
     cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
     cifarlab models    [--classes N] [--width W] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
     cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
     cifarlab report    RUN [--against RUN]
-    cifarlab predict   CHECKPOINT|RUN_DIR IMAGE [IMAGE ...] [--topk K] [--json]
+    cifarlab predict   CHECKPOINT|RUN_DIR|MODEL.onnx IMAGE [IMAGE ...] [--topk K] [--json]
+    cifarlab export    CHECKPOINT|RUN_DIR [-o FILE] [--format onnx|pt2|safetensors] [--data SPEC]
+    cifarlab quantize  CHECKPOINT|RUN_DIR --data SPEC [-o FILE] [--calibration METHOD] [...]
+    cifarlab bench     MODEL [MODEL ...] [--data SPEC] [--threads N] [--json] [-o FIGURE]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -25,7 +28,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cifarlab import checkpoint
 from cifarlab import config as cfg
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.presets import PRESETS, get_preset
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the resolved settings as YAML and exit")
 
     evaluate = commands.add_parser("evaluate", help="accuracy of a checkpoint on some data")
-    evaluate.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
+    evaluate.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or an "
+                          ".onnx file from export or quantize")
     evaluate.add_argument("--data", required=True, metavar="SPEC",
                           help="images to score (a source's test split when it has one)")
     evaluate.add_argument("--data-root", default="data")
@@ -144,14 +147,72 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="classes and probabilities for image files",
         description="Each image is converted to RGB, its shorter side resized to 32 pixels "
                     "(bicubic, antialiased) and its centre cropped to 32x32.")
-    predict.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
+    predict.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or an "
+                         ".onnx file from export or quantize (then only onnxruntime is used)")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
     predict.add_argument("--topk", type=int, default=3,
                          help="how many of the most probable classes to show (default 3; "
                               "more than there are shows them all)")
     predict.add_argument("--device", default="auto", choices=cfg.DEVICES)
     predict.add_argument("--json", action="store_true", help="print JSON")
+    add_deploy_commands(commands)
     return parser
+
+
+def add_deploy_commands(commands: Any) -> None:
+    export = commands.add_parser(
+        "export", help="a checkpoint as one checked file: ONNX, pt2 or safetensors",
+        description="Input: RGB float in [0, 1], NCHW, any batch (normalisation in the graph); "
+                    "output: logits. The file is checked against PyTorch before it is written.")
+    export.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
+    export.add_argument("-o", "--output", metavar="FILE",
+                        help="default: beside the checkpoint, e.g. runs/x/best.onnx")
+    export.add_argument("--format", default="onnx", choices=["onnx", "pt2", "safetensors"])
+    export.add_argument("--exporter", choices=["dynamo", "torchscript"],
+                        help="ONNX exporter (default: dynamo, torchscript when dynamo's file "
+                             "fails the check)")
+    export.add_argument("--data", metavar="SPEC", help="real images for the parity check "
+                        "(default: a seeded random batch)")
+    export.add_argument("--data-root", default="data")
+
+    quantize = commands.add_parser(
+        "quantize", help="int8 ONNX model (onnxruntime static quantization), accuracy-checked",
+        description="Calibrates on training images of the checkpoint's own split, tries the "
+                    "int8 formats that suit this CPU and writes the fastest within --max-drop "
+                    "points of float32's validation accuracy.")
+    quantize.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
+    quantize.add_argument("--data", required=True, metavar="SPEC",
+                          help="the data the checkpoint was trained on (its split is redrawn)")
+    quantize.add_argument("-o", "--output", metavar="FILE",
+                          help="default: beside the checkpoint, e.g. runs/x/best.int8.onnx")
+    quantize.add_argument("--calibration", default="minmax",
+                          choices=["minmax", "percentile", "entropy"])
+    quantize.add_argument("--images", type=int, default=512,
+                          help="calibration images from the training split (default 512)")
+    quantize.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                          help="largest validation accuracy loss accepted (default 1.0)")
+    quantize.add_argument("--test-data", metavar="SPEC", help="also report test accuracy "
+                          "(never used for choices)")
+    quantize.add_argument("--int8-format", default="auto",
+                          choices=["auto", "qdq-u8s8", "qdq-s8s8", "qoperator-u8s8"],
+                          help="auto: the fastest that passes, measured here; a named one: only "
+                               "that one")
+    quantize.add_argument("--threads", type=int, help="threads for timing (default: all)")
+    quantize.add_argument("--data-root", default="data")
+
+    bench = commands.add_parser(
+        "bench", help="CPU latency, throughput and accuracy of checkpoints and .onnx files",
+        description="Batch-1 latency (median, p90) and batch-64 throughput, every runtime "
+                    "pinned to the same thread count.")
+    bench.add_argument("models", nargs="+", metavar="MODEL",
+                       help="checkpoints, run folders (torch eager) and .onnx files")
+    bench.add_argument("--data", metavar="SPEC", help="score accuracy: the source's test "
+                       "split, or the models' own validation split when it has none")
+    bench.add_argument("--data-root", default="data")
+    bench.add_argument("--threads", type=int, help="threads for every runtime (default: all)")
+    bench.add_argument("--json", action="store_true", help="print JSON")
+    bench.add_argument("-o", "--output", metavar="FIGURE",
+                       help="also draw accuracy against latency (PNG, SVG or PDF)")
 
 
 # Settings that may differ on --resume without --allow-changes: they change nothing the
@@ -248,6 +309,8 @@ def check_range(flag: str, value: int, low: int, high: int | None, example: int)
 def checkpoint_file(given: str) -> Path:
     """The checkpoint a command reads: the file given, or a run folder's best.pt (said on
     stderr, so that the output stays the command's own)."""
+    from cifarlab import checkpoint
+
     path = checkpoint.in_run_folder(given)
     if path != Path(given):
         print(f"using {path}", file=sys.stderr)
@@ -256,23 +319,39 @@ def checkpoint_file(given: str) -> Path:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cifarlab.data.sources import load_source
-    from cifarlab.evaluate import evaluate
-    from cifarlab.train import resolve_device
 
     check_range("--batch-size", args.batch_size, 1, None, 1024)
-    path = checkpoint_file(args.checkpoint)
-    ckpt = checkpoint.load(path)
-    model = checkpoint.build_model(ckpt, path)
-    # CIFAR-100 is scored with the labels the model learned (fine or coarse).
-    label_set = ((ckpt.get("config") or {}).get("data") or {}).get("label_set", "fine")
+    onnx = Path(args.checkpoint).suffix == ".onnx"
+    path = Path(args.checkpoint) if onnx else checkpoint_file(args.checkpoint)
+    label_set = "fine"
+    if onnx:  # onnxruntime only: no torch import on this path
+        from cifarlab.deploy.runtime import OnnxClassifier, evaluate_onnx
+
+        model = OnnxClassifier(path)
+        classes = model.classes
+        label_set = model.meta("split", {}).get("label_set", "fine")
+    else:
+        from cifarlab import checkpoint
+
+        ckpt = checkpoint.load(path)
+        model = checkpoint.build_model(ckpt, path)
+        classes = ckpt["classes"]
+        # CIFAR-100 is scored with the labels the model learned (fine or coarse).
+        label_set = ((ckpt.get("config") or {}).get("data") or {}).get("label_set", "fine")
     source = load_source(args.data, args.data_root, label_set=label_set)
     data = source.test if source.test is not None else source.train
-    if data.classes != ckpt["classes"]:
+    if data.classes != classes:
         raise UserError(f"--data {args.data}: classes {data.classes} do not match the "
-                        f"checkpoint's {ckpt['classes']}; score data of the same classes")
-    device = resolve_device(args.device)
-    result = evaluate(model.to(device), data, ckpt["mean"], ckpt["std"], device,
-                      batch_size=args.batch_size, flip=checkpoint.tta_flip(ckpt))
+                        f"model's {classes}; score data of the same classes")
+    if onnx:
+        result = evaluate_onnx(model, data.images, data.labels)
+    else:
+        from cifarlab.evaluate import evaluate
+        from cifarlab.train import resolve_device
+
+        device = resolve_device(args.device)
+        result = evaluate(model.to(device), data, ckpt["mean"], ckpt["std"], device,
+                          batch_size=args.batch_size, flip=checkpoint.tta_flip(ckpt))
     per_class = dict(zip(data.classes, result.per_class_acc, strict=True))
     if args.json:
         print(json.dumps({"images": int(len(data.labels)), "acc": result.acc,
@@ -355,11 +434,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cifarlab.predict import predict_files
-    from cifarlab.train import resolve_device
 
     check_range("--topk", args.topk, 1, None, 3)
-    results = predict_files(checkpoint_file(args.checkpoint), args.images, topk=args.topk,
-                            device=resolve_device(args.device))
+    if Path(args.checkpoint).suffix == ".onnx":  # onnxruntime only: no torch import
+        results = predict_files(args.checkpoint, args.images, topk=args.topk)
+    else:
+        from cifarlab.train import resolve_device
+
+        results = predict_files(checkpoint_file(args.checkpoint), args.images, topk=args.topk,
+                                device=resolve_device(args.device))
     if args.json:
         print(json.dumps([{"image": r.image, "predictions": [
             {"class": name, "probability": p} for name, p in r.predictions]}
@@ -372,9 +455,62 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cifarlab.deploy.export import PARITY_ATOL, PARITY_RTOL, export
+
+    result = export(args.checkpoint, args.output, args.format, args.data, args.data_root,
+                    args.exporter)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    how = f" ({result.exporter} exporter)" if result.exporter else ""
+    print(f"wrote {result.path}{how}: logits within {result.max_abs_diff:.2g} of PyTorch's "
+          f"(tolerance {PARITY_ATOL:g} + {PARITY_RTOL:g} x max |logit|), same top-1 on "
+          f"{result.images} {'images' if args.data else 'random images'}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from cifarlab.deploy.quantize import quantize
+
+    if args.threads is not None:
+        check_range("--threads", args.threads, 1, None, 2)
+    result = quantize(args.checkpoint, args.data, args.output, calibration=args.calibration,
+                      images=args.images, max_drop=args.max_drop, test_data=args.test_data,
+                      data_root=args.data_root, threads=args.threads,
+                      int8_format=args.int8_format)
+    chosen = next(s for s in result.int8 if s.name == result.chosen)
+    print(f"wrote {result.path}: {result.chosen}, the fastest int8 format within "
+          f"{result.max_drop:g} points of float32 ({chosen.val_acc:.2f}% against "
+          f"{result.fp32.val_acc:.2f}% validation accuracy)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cifarlab.deploy.bench import bench, figure
+
+    if args.threads is not None:
+        check_range("--threads", args.threads, 1, None, 2)
+    if args.output:  # refused before minutes of measuring, not after
+        from cifarlab.plots import FORMATS
+
+        figure_path = Path(args.output)
+        if figure_path.suffix.lower() not in FORMATS or not figure_path.parent.is_dir():
+            raise UserError(f"-o {figure_path}: give a .png, .svg or .pdf file in an existing "
+                            "folder")
+    result = bench(args.models, args.threads, args.data, args.data_root)
+    print(result.to_json() if args.json else result.table())
+    if args.output:
+        from cifarlab.plots import save_figure
+
+        print(f"wrote {save_figure(figure(result), args.output)}",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
             "models": cmd_models, "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
-            "predict": cmd_predict}
+            "predict": cmd_predict, "export": cmd_export, "quantize": cmd_quantize,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,9 @@ names and the normalisation measured on its training data. An image of any size 
 the model's 32x32 input the way torchvision's evaluation transforms do it: converted to RGB
 (alpha dropped), its shorter side resized to 32 pixels (bicubic, antialiased when
 shrinking), then the centre 32x32 cropped. A 32x32 image is used as it is.
+
+An exported `.onnx` file (cifarlab export / quantize) is used with onnxruntime alone: its
+metadata holds the class names, its graph the normalisation; torch is not imported then.
 """
 
 from __future__ import annotations
@@ -12,15 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from cifarlab import checkpoint
-from cifarlab.data.cpu_augment import normalize
 from cifarlab.data.sources import SIZE, decode_image
 from cifarlab.errors import UserError
-from cifarlab.evaluate import logits_of
+
+if TYPE_CHECKING:  # torch is imported only for checkpoints: an .onnx file needs onnxruntime
+    import torch
 
 BATCH = 256  # images per forward pass
 
@@ -54,9 +57,23 @@ def predict_files(
     device: torch.device | None = None,
 ) -> list[ImagePrediction]:
     """Softmax probabilities of each image's `topk` most probable classes (`topk` larger than
-    the number of classes gives them all). UserError for a bad checkpoint or image file."""
+    the number of classes gives them all), from a checkpoint or an exported `.onnx` file.
+    UserError for a bad checkpoint or image file."""
     if topk < 1:
         raise UserError(f"--topk {topk}: give a number of classes >= 1")
+    if Path(checkpoint_path).suffix == ".onnx":
+        from cifarlab.deploy.runtime import OnnxClassifier, predict_onnx
+
+        model = OnnxClassifier(checkpoint_path)
+        pixels = np.stack([to_model_input(str(path), _read(Path(path))) for path in images])
+        return [ImagePrediction(str(image), predictions) for image, predictions
+                in zip(images, predict_onnx(model, pixels, topk), strict=True)]
+    import torch
+
+    from cifarlab import checkpoint
+    from cifarlab.data.cpu_augment import normalize
+    from cifarlab.evaluate import logits_of
+
     ckpt = checkpoint.load(checkpoint_path)
     device = device or torch.device("cpu")
     model = checkpoint.build_model(ckpt, checkpoint_path).to(device)

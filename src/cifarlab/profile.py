@@ -90,14 +90,16 @@ class ModelSize:
     macs: int  # multiply-accumulates per 32x32 image, forward
 
 
+def model_size(args: dict) -> ModelSize:
+    """Parameters and MACs of the model that `create_model(**args)` builds (meta device)."""
+    with torch.device("meta"):
+        model = create_model(**args)
+    stats = torchinfo.summary(
+        model, input_size=(1, 3, 32, 32), verbose=0, device="meta", mode="eval"
+    )
+    return ModelSize(args["name"], stats.total_params, stats.total_mult_adds)
+
+
 def model_sizes(classes: int = 10, width: int = BASE_WIDTH) -> list[ModelSize]:
     """Parameters and MACs of every registered model, in registration order (meta device)."""
-    sizes = []
-    for name in MODELS:
-        with torch.device("meta"):
-            model = create_model(**model_args(name, classes, width))
-        stats = torchinfo.summary(
-            model, input_size=(1, 3, 32, 32), verbose=0, device="meta", mode="eval"
-        )
-        sizes.append(ModelSize(name, stats.total_params, stats.total_mult_adds))
-    return sizes
+    return [model_size(model_args(name, classes, width)) for name in MODELS]

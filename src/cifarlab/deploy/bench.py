@@ -1,0 +1,254 @@
+"""CPU inference speed of checkpoints and exported files, side by side.
+
+Each model runs in the runtimes that apply to it: a checkpoint (or run folder) in eager
+PyTorch float32, an `.onnx` file in onnxruntime (float32, or int8 when it holds quantized
+operators). Every runtime gets the same number of threads (torch.set_num_threads,
+onnxruntime's intra_op_num_threads). Batch-1 latency is the median and 90th percentile of
+single calls after a warm-up; batch-64 throughput is 64 images over the median call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cifarlab
+from cifarlab.deploy import runtime
+from cifarlab.errors import UserError
+
+BATCH = 64
+# Calls per measurement: the full bench, and the quick one quantize uses to rank candidates.
+LATENCY_RUNS, LATENCY_WARMUP = 200, 20
+THROUGHPUT_RUNS, THROUGHPUT_WARMUP = 20, 3
+QUICK = {"latency_runs": 30, "latency_warmup": 5, "throughput_runs": 5, "throughput_warmup": 1}
+
+
+@dataclass
+class Timing:
+    latency_ms: float  # batch 1, median
+    latency_p90_ms: float
+    throughput: float  # images per second at batch BATCH (median call)
+
+
+def _seconds(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(run: Callable[[np.ndarray], Any], images: np.ndarray, *, latency_runs: int =
+            LATENCY_RUNS, latency_warmup: int = LATENCY_WARMUP, throughput_runs: int =
+            THROUGHPUT_RUNS, throughput_warmup: int = THROUGHPUT_WARMUP) -> Timing:
+    """`run` takes a uint8 NHWC batch; the input conversion is inside the timed call, as on a
+    device that receives decoded images."""
+    one = images[:1]
+    batch = np.resize(images, (BATCH, *images.shape[1:]))  # repeats images when fewer
+    single = _seconds(lambda: run(one), latency_runs, latency_warmup)
+    many = _seconds(lambda: run(batch), throughput_runs, throughput_warmup)
+    return Timing(1000 * statistics.median(single),
+                  1000 * float(np.percentile(single, 90)),
+                  BATCH / statistics.median(many))
+
+
+def time_onnx(model: runtime.OnnxClassifier, images: np.ndarray, quick: bool = False) -> Timing:
+    return measure(lambda x: model.run(runtime.to_input(x)), images, **(QUICK if quick else {}))
+
+
+@dataclass
+class Row:
+    model: str  # the path as given
+    runtime: str  # "torch eager fp32", "onnxruntime fp32", "onnxruntime int8"
+    architecture: dict[str, Any]
+    params: int
+    macs: int  # per image, forward
+    file_mb: float  # 1 MB = 10^6 bytes
+    latency_ms: float
+    latency_p90_ms: float
+    throughput: float
+    acc: float | None = None  # percent, on `acc_split`
+    acc_split: str | None = None  # "test" or "validation" (of the model's own seeded split)
+    acc_images: int | None = None
+
+
+@dataclass
+class Header:
+    cpu: str
+    flags: list[str]
+    threads: int
+    torch: str
+    onnxruntime: str
+    cifarlab: str
+    python: str
+    load_average: list[float]  # 1, 5, 15 minutes, before the measurement
+    load_average_after: list[float] = field(default_factory=list)
+    date: str = ""
+
+    def lines(self) -> list[str]:
+        return [f"CPU: {self.cpu}; ISA: {', '.join(self.flags) or 'no AVX2'}",
+                f"threads: {self.threads} (every runtime); torch {self.torch}, onnxruntime "
+                f"{self.onnxruntime}, Python {self.python}; {self.date}",
+                "load average (1/5/15 min): before " + _load(self.load_average)
+                + (", after " + _load(self.load_average_after) if self.load_average_after
+                   else "")]
+
+
+def _load(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
+def header(threads: int) -> Header:
+    import onnxruntime
+    import torch
+
+    cpu = runtime.cpu_info()
+    return Header(cpu.model, cpu.flags, threads, torch.__version__, onnxruntime.__version__,
+                  cifarlab.__version__, platform.python_version(), list(os.getloadavg()),
+                  date=time.strftime("%Y-%m-%d %H:%M %Z"))
+
+
+def eval_set(spec: str, data_root: str | Path, split: dict[str, Any], classes: list[str]
+             ) -> tuple[str, Any]:
+    """The images to score a model on: `spec`'s test split, or when it has none the
+    validation split of the model's own run (`split`: its data settings)."""
+    from cifarlab.data.sources import load_source
+
+    source = load_source(spec, data_root, label_set=split.get("label_set", "fine"))
+    if source.test is not None:
+        data, name = source.test, "test"
+    else:
+        import dataclasses
+
+        from cifarlab.config import DataConfig
+        from cifarlab.data.splits import prepare_splits
+
+        known = {k: split[k] for k in ("val_fraction", "split_seed", "limit", "label_set")
+                 if k in split}
+        config = dataclasses.replace(DataConfig(), source=spec, test_source="none",
+                                     root=str(data_root), **known)
+        data, name = prepare_splits(config).val, "validation"
+    if data.classes != classes:
+        raise UserError(f"--data {spec}: classes {data.classes} are not the model's {classes}; "
+                        "give data of the same classes")
+    return name, data
+
+
+def bench_model(given: str, threads: int, data: str | None, data_root: str | Path) -> Row:
+    """One model: a checkpoint or run folder (torch eager), or an .onnx file (onnxruntime)."""
+    from cifarlab.profile import model_size
+
+    images = np.random.default_rng(0).integers(0, 256, size=(BATCH, 32, 32, 3), dtype=np.uint8)
+    if Path(given).suffix == ".onnx":
+        model = runtime.OnnxClassifier(given, threads=threads)
+        path = Path(given)
+        kind = "onnxruntime int8" if runtime.is_int8(path) else "onnxruntime fp32"
+        arch, split, classes = model.meta("architecture"), model.meta("split", {}), model.classes
+        timing = time_onnx(model, images)
+
+        def logits(x: np.ndarray) -> np.ndarray:
+            return model.logits(x)
+    else:
+        import torch
+
+        from cifarlab.deploy.export import load
+
+        loaded = load(given)
+        path, kind, module = loaded.path, "torch eager fp32", loaded.module
+        arch, classes = loaded.ckpt["model_args"], list(loaded.ckpt["classes"])
+        split = loaded.ckpt.get("config", {}).get("data", {})
+
+        def logits(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                out = [module(torch.from_numpy(runtime.to_input(x[i : i + 256])))
+                       for i in range(0, len(x), 256)]
+            return torch.cat(out).numpy()
+
+        timing = measure(logits, images)
+    if arch is None:
+        raise UserError(f"{given}: no architecture in its metadata; give a file written by "
+                        "cifarlab export or cifarlab quantize")
+    size = model_size(arch)
+    row = Row(given, kind, arch, size.params, size.macs, path.stat().st_size / 1e6,
+              **asdict(timing))
+    if data is not None:
+        row.acc_split, scored = eval_set(data, data_root, split, classes)
+        row.acc = 100.0 * float((logits(scored.images).argmax(1) == scored.labels).mean())
+        row.acc_images = len(scored.labels)
+    return row
+
+
+@dataclass
+class BenchResult:
+    header: Header
+    rows: list[Row]
+
+    def to_json(self) -> str:
+        return json.dumps({"header": asdict(self.header), "rows": [asdict(r) for r in self.rows]},
+                          indent=2)
+
+    def table(self) -> str:
+        lines = self.header.lines()
+        lines.append(f"{'model':<36} {'runtime':<17} {'batch 1 ms':>10} {'p90':>6} "
+                     f"{'img/s @64':>9} {'MB':>6} {'params':>11} {'MMACs':>7} {'acc %':>6}")
+        for r in self.rows:
+            acc = f"{r.acc:6.2f}" if r.acc is not None else "     -"
+            lines.append(f"{_short(r.model, 36):<36} {r.runtime:<17} {r.latency_ms:>10.2f} "
+                         f"{r.latency_p90_ms:>6.2f} {r.throughput:>9.1f} {r.file_mb:>6.1f} "
+                         f"{r.params:>11,} {r.macs / 1e6:>7.1f} {acc}")
+        scored = {r.acc_split for r in self.rows if r.acc_split}
+        if scored:
+            lines.append(f"accuracy on the {' / '.join(sorted(scored))} split "
+                         f"({self.rows[0].acc_images:,} images)")
+        return "\n".join(lines)
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def bench(models: Sequence[str], threads: int | None = None, data: str | None = None,
+          data_root: str | Path = "data") -> BenchResult:
+    import torch
+
+    threads = threads or runtime.cpu_info().cores
+    torch.set_num_threads(threads)
+    result = BenchResult(header(threads), [])
+    for given in models:
+        result.rows.append(bench_model(given, threads, data, data_root))
+    result.header.load_average_after = list(os.getloadavg())
+    return result
+
+
+def figure(result: BenchResult) -> Any:
+    """Accuracy against batch-1 latency, one point per model and runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result.rows:
+        y = r.acc if r.acc is not None else 0.0
+        ax.scatter(r.latency_ms, y, s=40)
+        ax.annotate(f"{Path(r.model).name}\n{r.runtime}", (r.latency_ms, y), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(f"batch-1 latency, median (ms, {result.header.threads} threads)")
+    ax.set_ylabel("accuracy (%)" if any(r.acc is not None for r in result.rows)
+                  else "accuracy (no --data given)")
+    ax.set_title(result.header.cpu, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

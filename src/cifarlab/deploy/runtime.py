@@ -1,0 +1,167 @@
+"""Inference with an exported `.onnx` file: onnxruntime, NumPy and Pillow only.
+
+Nothing here imports torch, so `cifarlab predict` and `cifarlab evaluate` on an `.onnx`
+file run where only onnxruntime is installed (a device). The file carries what inference
+needs in its metadata (`export.py` writes it): class names, the input layout, and the
+normalisation, which is baked into the graph; its input is RGB float in [0, 1], NCHW.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarlab.errors import UserError
+
+BATCH = 256  # images per onnxruntime call when scoring a data set
+# The ISA flags that decide int8 speed on x86 (VNNI: 8-bit dot products in one instruction).
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_int8")
+INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+            "ConvInteger", "MatMulInteger"}
+
+
+@dataclass
+class CpuInfo:
+    model: str
+    flags: list[str]  # the ISA_FLAGS this CPU has
+    cores: int  # logical CPUs this process may use
+
+    @property
+    def vnni(self) -> bool:
+        return "avx512_vnni" in self.flags or "avx_vnni" in self.flags
+
+    def describe(self) -> str:
+        flags = ", ".join(self.flags) or "none of " + ", ".join(ISA_FLAGS)
+        return f"{self.model} ({self.cores} logical CPUs; {flags})"
+
+
+def cpu_info() -> CpuInfo:
+    """The CPU's model name and int8-relevant flags, from /proc/cpuinfo (Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break  # every core reports the same
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return CpuInfo(model, [f for f in ISA_FLAGS if f in flags], cores or 1)
+
+
+def session_options(threads: int | None) -> Any:
+    """onnxruntime options with `threads` intra-op threads (None: onnxruntime's default),
+    operators run one after another (the graph of a CNN is a chain)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+class OnnxClassifier:
+    """An exported classifier: `logits(images)` for uint8 NHWC RGB images."""
+
+    def __init__(self, model: str | Path | bytes, threads: int | None = None,
+                 name: str | None = None) -> None:
+        import onnxruntime as ort
+
+        self.name = name or (str(model) if not isinstance(model, bytes) else "model")
+        if not isinstance(model, bytes):
+            path = Path(model)
+            if not path.is_file():
+                raise UserError(f"{path}: no such file")
+            model = str(path)
+        try:
+            self.session = ort.InferenceSession(model, session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.name}: not a readable ONNX model ({first}); give a file "
+                            "written by cifarlab export or cifarlab quantize") from None
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if "classes" not in self.metadata:
+            raise UserError(f"{self.name}: no class names in its metadata; give a file written "
+                            "by cifarlab export or cifarlab quantize")
+        self.classes: list[str] = json.loads(self.metadata["classes"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """A metadata value, JSON-decoded."""
+        return json.loads(self.metadata[key]) if key in self.metadata else default
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a float32 NCHW batch in [0, 1]."""
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def logits(self, images: np.ndarray, batch: int = BATCH) -> np.ndarray:
+        """Logits for uint8 (N, 32, 32, 3) RGB images, `batch` images per call."""
+        out = [self.run(to_input(images[i : i + batch])) for i in range(0, len(images), batch)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+
+def to_input(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC RGB -> the graph's input: float32 NCHW in [0, 1]."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255
+
+
+def is_int8(path: str | Path) -> bool:
+    """Whether an ONNX file holds quantized (int8) operators."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type in INT8_OPS for node in graph.node)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+@dataclass
+class OnnxEvaluation:
+    acc: float  # percent
+    loss: float  # mean cross-entropy
+    per_class_acc: list[float]  # percent; NaN for a class without images
+
+
+def evaluate_onnx(model: OnnxClassifier, images: np.ndarray, labels: np.ndarray
+                  ) -> OnnxEvaluation:
+    """Accuracy, cross-entropy and per-class accuracy of `model` on uint8 NHWC images."""
+    logits = model.logits(images).astype(np.float64)
+    z = logits - logits.max(1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(1, keepdims=True))
+    n = max(1, len(labels))
+    correct = logits.argmax(1) == labels
+    per_class = []
+    for c in range(len(model.classes)):
+        members = labels == c
+        per_class.append(100.0 * float(correct[members].mean()) if members.any() else np.nan)
+    loss = -float(log_probs[np.arange(len(labels)), labels].sum()) / n
+    return OnnxEvaluation(100.0 * float(correct.sum()) / n, loss, per_class)
+
+
+def predict_onnx(model: OnnxClassifier, pixels: np.ndarray, topk: int
+                 ) -> list[list[tuple[str, float]]]:
+    """The `topk` most probable (class, probability) of each uint8 NHWC image."""
+    probs = softmax(model.logits(pixels).astype(np.float64))
+    k = min(topk, len(model.classes))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[(model.classes[i], float(row[i])) for i in idx]
+            for row, idx in zip(probs, order, strict=True)]
+
