@@ -1,11 +1,12 @@
 """What contiguous NCHW batches cost on the CPU, against channels-last (NHWC) ones.
 
-cifarlab feeds the CPU contiguous NCHW (step.memory_format) to stay away from oneDNN's
-faulty channels-last weight gradient of 1x1 stride-2 convolutions. This measures what that
-choice costs, at widths where both layouts give correct gradients (the shortcuts have 16 or
-more input channels): a float32 training step and a forward pass in eval
-mode, each on the same random batch, median of several runs. Run it once as it is and once
-under ONEDNN_MAX_CPU_ISA=AVX2 to see both kernel families.
+On the CPU cifarlab trains a model in contiguous NCHW where oneDNN's faulty channels-last
+weight gradient of 1x1 stride-2 convolutions could reach it, and in channels-last elsewhere
+(step.memory_format, step.channels_last_is_safe). This measures what NCHW costs, at widths
+where both layouts give correct gradients (the shortcuts have 16 or more input channels): a
+float32 training step and a forward pass in eval mode, each on the same random batch, median
+of several runs. Run it once as it is and once under ONEDNN_MAX_CPU_ISA=AVX2 to see both
+kernel families.
 
     python bench/cpu_layout.py [--widths 16 64] [--batch-size 128] [--runs 7]
 """
@@ -15,28 +16,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from cifarlab.deploy.runtime import cpu_info
 from cifarlab.models import create_model
 
-LAYOUTS = {"NCHW (cifarlab's CPU layout)": torch.contiguous_format,
+LAYOUTS = {"NCHW": torch.contiguous_format,
            "channels-last": torch.channels_last}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def median_seconds(fn, runs: int) -> float:
@@ -78,7 +68,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, oneDNN ISA {isa}; "
+    print(f"{cpu_info().describe()}, {torch.get_num_threads()} threads, oneDNN ISA {isa}; "
           f"torch {torch.__version__}; {datetime.date.today()}")
     print(f"| width | layout | train step, images/s | eval, images/s |  (batch {args.batch_size}, "
           f"median of {args.runs})")
