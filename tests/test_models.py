@@ -40,8 +40,6 @@ PARAMS = {
     "mobilenetv2": (2_236_682, 2_351_972, 1280),
     "densenet121": (6_956_298, 7_048_548, 1024),
 }
-# One model of each family, for the commands.
-FAMILIES = ["preact_resnet18", "resnet20", "wrn_16_8", "vgg11_bn", "mobilenetv2", "densenet121"]
 TINY = 8  # model.width for the CPU tests: each family at 1/8 of its published width
 
 
@@ -248,7 +246,7 @@ def synthetic():
     return load_source("synthetic:100")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_evaluate_predict_and_summary_commands(name, synthetic, tmp_path, capsys, nchw_only):
     torch.manual_seed(0)
     config = Config()
