@@ -195,6 +195,18 @@ def test_a_pruned_trial_stops_after_the_epoch_and_counts_in_the_budget(tmp_path,
     assert states(out) == ["PRUNED"]
 
 
+def test_a_trial_that_fails_in_training_is_recorded_and_not_tried_again(tmp_path, capsys):
+    out = tmp_path / "study"
+    spec = write_study(tmp_path / "n.yaml", space={"optim.lr": [1e30]})
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    (failed,) = trials(out)
+    assert failed.state.name == "FAIL" and "NaN or infinite" in failed.user_attrs["failed"]
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert states(out) == ["FAIL"]
+    assert main(["study", str(out)]) == 0
+    assert "No finished trials yet." in (out / "study.md").read_text()
+
+
 # -------------------------------------------------------------------------------- bad input
 
 BAD = [

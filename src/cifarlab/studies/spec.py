@@ -195,11 +195,6 @@ def parse_study(raw: dict[str, Any], where: str) -> Study:
     sampler = _one_of(raw.get("sampler", "tpe"), SAMPLERS, "sampler", where)
     pruner = _one_of(raw.get("pruner", "none"), PRUNERS, "pruner", where)
     seeds = _count(raw.get("seeds", 1), "seeds", where, MAX_SEEDS)
-    trials = raw.get("trials")
-    if trials is not None:
-        trials = _count(trials, "trials", where, MAX_TRIALS)
-    elif sampler != "grid":
-        raise UserError(f"{where}: sampler {sampler} needs a budget: add trials: N")
     settings = _flat(raw.get("settings"), where)
     space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict):
@@ -230,6 +225,11 @@ def parse_study(raw: dict[str, Any], where: str) -> Study:
     if not space and sampler != "grid":
         raise UserError(f"{where}: sampler {sampler} needs a space to search; add one, or use "
                         "sampler: grid to repeat the settings alone")
+    trials = raw.get("trials")
+    if trials is not None:
+        trials = _count(trials, "trials", where, MAX_TRIALS)
+    elif sampler != "grid":
+        raise UserError(f"{where}: sampler {sampler} needs a budget: add trials: N")
     if sampler == "grid":
         ranges = [k for k, v in space.items() if isinstance(v, Range)]
         if ranges:

@@ -7,7 +7,8 @@ trial, named after the trial's settings and seed. One sweep at a time per study 
 Started again, a sweep continues the study: finished trials are kept, and a trial cut short
 (still RUNNING in the journal, or stopped by a signal) is tried again under the same name,
 resuming its run folder from last.pt; a run folder that already holds result.json is read,
-not trained again. The budget (`trials`) counts finished trials, so none is counted twice.
+not trained again. The budget (`trials`) counts trials with an outcome (completed, pruned, or
+failed in training), so none is counted twice.
 """
 
 from __future__ import annotations
@@ -138,10 +139,12 @@ def sweep(study_file: str | Path, out: str | Path | None = None,
 
 
 def count_finished(optuna_study: Any) -> int:
+    """Trials with an outcome: completed, pruned, or failed in training (a NaN loss)."""
     from optuna.trial import TrialState
 
-    return len(optuna_study.get_trials(deepcopy=False,
-                                       states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return sum(1 for t in optuna_study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or t.state == TrialState.FAIL and "failed" in t.user_attrs)
 
 
 def retry_cut_short(optuna_study: Any, study: Study) -> None:
