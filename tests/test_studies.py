@@ -235,6 +235,37 @@ def test_bad_study_files_are_refused_in_one_line(tmp_path, capsys, fields, messa
     assert not out.exists()
 
 
+EXAMPLE = """\
+preset: seed                                # where every trial starts
+settings: {epochs: 30, model.width: 32}     # fixed for every trial (any setting key)
+space:                                      # what varies: a list is a grid axis,
+  optim.label_smoothing: [0.0, 0.1, 0.2]    # a {low, high, log} mapping a range
+  optim.lr: {low: 0.02, high: 0.4, log: true}
+seeds: 3                                    # repeats of every point
+sampler: tpe                                # grid | random | tpe
+trials: 40                                  # budget for random and tpe
+pruner: none                                # none | median | hyperband
+"""
+
+
+def test_the_readme_example_reads_and_opens_a_study(tmp_path):
+    from cifarlab.studies.spec import Range, load_study
+    from cifarlab.studies.sweep import make_pruner
+
+    path = tmp_path / "lr.yaml"
+    path.write_text(EXAMPLE)
+    study = load_study(path)
+    assert study.space["optim.lr"] == Range(0.02, 0.4, log=True)
+    assert study.budget() == 40 and study.seeds == 3
+    config = study.config_for({"optim.label_smoothing": 0.2, "optim.lr": 0.05}, 2)
+    assert (config.epochs, config.model.width, config.seed) == (30, 32, 2)
+    assert (config.optim.label_smoothing, config.optim.lr) == (0.2, 0.05)
+    assert open_study(tmp_path, study, create=True).trials == []
+    path.write_text(EXAMPLE.replace("pruner: none", "pruner: hyperband"))
+    assert isinstance(make_pruner(load_study(path)), optuna.pruners.HyperbandPruner)
+    assert EXAMPLE in (Path(__file__).parents[1] / "README.md").read_text()  # the same text
+
+
 def test_an_empty_grid_space_is_one_point(tmp_path):
     from cifarlab.studies.spec import load_study
 
