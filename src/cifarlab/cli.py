@@ -12,6 +12,8 @@
     cifarlab export    CHECKPOINT|RUN_DIR [-o FILE] [--format onnx|pt2|safetensors] [--data SPEC]
     cifarlab quantize  CHECKPOINT|RUN_DIR --data SPEC [-o FILE] [--calibration METHOD] [...]
     cifarlab bench     MODEL [MODEL ...] [--data SPEC] [--threads N] [--json] [-o FIGURE]
+    cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC]
+    cifarlab study     STUDY_DIR
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -156,7 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", choices=cfg.DEVICES)
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_deploy_commands(commands)
+    add_study_commands(commands)
     return parser
+
+
+def add_study_commands(commands: Any) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="run (or continue) a study of settings on Optuna",
+        description="Each trial trains one point of the study's space with one seed into a "
+                    "run folder of the study folder; started again, the study continues.")
+    sweep.add_argument("study", metavar="STUDY.yaml", help="the study file")
+    sweep.add_argument("--out", metavar="DIR",
+                       help="the study folder (default runs/<study file name>)")
+    sweep.add_argument("--data", metavar="SPEC", help="training images for every trial "
+                       "[data.source]")
+
+    study = commands.add_parser(
+        "study", help="a study's results by point: mean, sd and 95%% CI over seeds",
+        description="Writes STUDY_DIR/study.md (also printed) and Optuna's figures beside it.")
+    study.add_argument("folder", metavar="STUDY_DIR", help="the folder cifarlab sweep wrote")
 
 
 def add_deploy_commands(commands: Any) -> None:
@@ -507,10 +527,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cifarlab.studies.sweep import sweep
+
+    sweep(args.study, out=args.out, data_source=args.data)
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from cifarlab.studies.summary import SUMMARY_FILE, summarize_study
+
+    text, notes = summarize_study(args.folder)
+    print(text)
+    for note in notes:
+        print(note)
+    print(f"wrote {Path(args.folder) / SUMMARY_FILE}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
             "models": cmd_models, "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
             "predict": cmd_predict, "export": cmd_export, "quantize": cmd_quantize,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "sweep": cmd_sweep, "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -342,8 +342,13 @@ def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
         )
 
 
-def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
+def fit(config: Config, *, resume: str | Path | None = None,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
     """Train `config` into a new run folder, or continue the run folder `resume`.
+
+    `on_epoch(epoch, row)` is called after each epoch once its checkpoints and metrics.csv
+    are written (rank 0 alone); `row` is that epoch's line of metrics.csv. An exception it
+    raises ends training there and leaves the run unfinished, resumable from last.pt.
 
     Under torchrun each process calls this; rank 0 alone writes files and logs. At the end
     rank 0 writes the run's report (report.md, report.html and their figures).
@@ -365,13 +370,13 @@ def fit(config: Config, *, resume: str | Path | None = None) -> FitResult:
         raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
                         f"evenly over {world.size} processes; change --batch-size")
     try:
-        return _fit(config, resume, device, world)
+        return _fit(config, resume, device, world, on_epoch)
     finally:
         distributed.shutdown()
 
 
-def _fit(config: Config, resume: str | Path | None, device: torch.device, world: World
-         ) -> FitResult:
+def _fit(config: Config, resume: str | Path | None, device: torch.device, world: World,
+         on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
     amp_dtype = resolve_amp(config.amp, device)
     run_dir = Path(resume) if resume else distributed.broadcast(run_dir_for(config))
     if resume is None and distributed.restart_count() > 0 and (run_dir / "last.pt").exists():
@@ -417,7 +422,7 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
                        f"--resume {run_dir}")
         with StopRequest(config.stop_grace, note=resume_note) as stop:
             result = _train(config, splits, model, device, amp_dtype, run_dir, state, stop,
-                            world)
+                            world, on_epoch)
             if world.is_main:
                 log.info(f"report: {write_report(run_dir)}")
         return result
@@ -595,6 +600,7 @@ def _train(
     state: dict[str, Any] | None,
     stop: StopRequest,
     world: World,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     set_deterministic(config.deterministic)
     parts = build_parts(config, splits, model, device, amp_dtype, world)
@@ -656,6 +662,8 @@ def _train(
             if board is not None:
                 board.epoch(row)
         log.info(epoch_line(row, config.epochs, improved))
+        if on_epoch is not None and world.is_main:
+            on_epoch(epoch, dict(row))
 
         stop_now = torch.tensor(float(stop.signum is not None), device=device)
         if distributed.all_reduce(stop_now, "max") > 0:

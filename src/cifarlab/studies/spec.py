@@ -1,0 +1,259 @@
+"""A study file: where every trial starts, what stays fixed, what varies and how it is searched.
+
+    preset: seed                                # where every trial starts
+    settings: {epochs: 30, model.width: 32}     # fixed for every trial (any setting key)
+    space:                                      # what varies: a list is a grid axis,
+      optim.label_smoothing: [0.0, 0.1, 0.2]    # a {low, high, log} mapping a range
+      optim.lr: {low: 0.02, high: 0.4, log: true}
+    seeds: 3                                    # repeats of every point
+    sampler: tpe                                # grid | random | tpe
+    trials: 40                                  # budget for random and tpe
+    pruner: none                                # none | median | hyperband
+
+Everything is checked when the file is read, each value of the space against the settings'
+own rules, so that a study never stops half-way on a setting no run could use.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cifarlab import config as cfg
+from cifarlab.errors import UserError
+from cifarlab.presets import PRESETS, get_preset
+
+SAMPLERS = ("grid", "random", "tpe")
+PRUNERS = ("none", "median", "hyperband")
+KEYS = ("preset", "settings", "space", "seeds", "sampler", "trials", "pruner")
+# Settings a study owns: the seed of each trial, and where its run folder goes.
+STUDY_OWNED = {"seed": "give the number of repeats with `seeds: N`",
+               "out": "the study folder is chosen with --out",
+               "name": "each trial's run folder is named after its settings and seed",
+               "preset": "give it as `preset:` at the top of the study file"}
+MAX_SEEDS = 1000
+MAX_TRIALS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Range:
+    """A continuous (or, for an integer setting, integer) axis from low to high."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high, "log": self.log}
+
+
+Axis = list[Any] | Range
+
+
+@dataclass(frozen=True)
+class Study:
+    preset: str
+    settings: dict[str, Any]  # dotted key -> value, fixed for every trial
+    space: dict[str, Axis]  # dotted key -> list of values (grid axis) or Range
+    seeds: int
+    sampler: str
+    trials: int | None  # None: the whole grid
+    pruner: str
+
+    def base_config(self) -> cfg.Config:
+        config = get_preset(self.preset)
+        for key, value in self.settings.items():
+            config = cfg.apply_dict(config, cfg.nest(key, value))
+        return config
+
+    def config_for(self, params: dict[str, Any], seed: int) -> cfg.Config:
+        """The settings of one trial: the base, the point's values and the seed."""
+        config = self.base_config()
+        for key, value in params.items():
+            config = cfg.apply_dict(config, cfg.nest(key, value))
+        return cfg.apply_dict(config, {"seed": seed})
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every point of a grid study (one empty point for an empty space)."""
+        keys = list(self.space)
+        values = [self.space[k] for k in keys]
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+
+    def budget(self) -> int:
+        """Trials to finish in all (each one point with one seed)."""
+        if self.trials is not None:
+            return self.trials
+        return len(self.grid()) * self.seeds
+
+    def to_dict(self) -> dict[str, Any]:
+        """The study as stored in its folder (study.yaml)."""
+        return {
+            "preset": self.preset,
+            "settings": dict(self.settings),
+            "space": {k: (v.to_dict() if isinstance(v, Range) else list(v))
+                      for k, v in self.space.items()},
+            "seeds": self.seeds,
+            "sampler": self.sampler,
+            "trials": self.trials,
+            "pruner": self.pruner,
+        }
+
+    def design(self) -> dict[str, Any]:
+        """What must not change between runs of one study folder (the budget may)."""
+        return {k: v for k, v in self.to_dict().items() if k != "trials"}
+
+
+def load_study(path: str | Path, data_source: str | None = None) -> Study:
+    """Read and check a study file; `data_source` (--data) sets data.source for every trial."""
+    where = str(path)
+    raw = cfg.load_yaml(path, where=where)
+    study = parse_study(raw, where)
+    if data_source is not None:
+        settings = {**study.settings, "data.source": data_source}
+        study = Study(study.preset, settings, study.space, study.seeds, study.sampler,
+                      study.trials, study.pruner)
+        check_study(study, where)
+    return study
+
+
+def _one_of(value: Any, allowed: tuple[str, ...], key: str, where: str) -> str:
+    if value in allowed:
+        return value
+    close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.4)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise UserError(f"{where}: {key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
+
+
+def _count(value: Any, key: str, where: str, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise UserError(f"{where}: {key} must be an integer in [1, {high}], got {value!r}")
+    return value
+
+
+def _flat(settings: Any, where: str) -> dict[str, Any]:
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise UserError(f"{where}: settings must be a mapping of setting keys to values, "
+                        f"e.g. settings: {{epochs: 30}}")
+    return {str(k): v for k, v in settings.items()}
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _axis(key: str, value: Any, base: cfg.Config, where: str) -> Axis:
+    if isinstance(value, list):
+        if not value:
+            raise UserError(f"{where}: space {key} is an empty list; give one value or more")
+        if len({repr(v) for v in value}) != len(value):
+            raise UserError(f"{where}: space {key} lists a value twice: {value}")
+        return list(value)
+    if isinstance(value, dict):
+        unknown = set(value) - {"low", "high", "log"}
+        if unknown or not {"low", "high"} <= set(value):
+            raise UserError(f"{where}: space {key}: a range is {{low: L, high: H, log: "
+                            f"true|false}}, got {value}")
+        low, high, log = value["low"], value["high"], value.get("log", False)
+        if not (_number(low) and _number(high)):
+            raise UserError(f"{where}: space {key}: low and high must be numbers, got "
+                            f"{low!r} and {high!r}")
+        if not isinstance(log, bool):
+            raise UserError(f"{where}: space {key}: log must be true or false, got {log!r}")
+        if low >= high:
+            raise UserError(f"{where}: space {key}: low must be below high, got low {low} and "
+                            f"high {high}")
+        if log and low <= 0:
+            raise UserError(f"{where}: space {key}: a log range needs low > 0, got {low}")
+        current = cfg.get(base, key)
+        integer = isinstance(current, int) and not isinstance(current, bool)
+        if integer and not (isinstance(low, int) and isinstance(high, int)):
+            raise UserError(f"{where}: space {key} is an integer setting; give integer low "
+                            f"and high, got {low} and {high}")
+        if not integer and not isinstance(current, float):
+            raise UserError(f"{where}: space {key} is not a number setting; list its values "
+                            f"instead, e.g. {key}: [{cfg._show(current)}]")
+        return Range(low, high, log, integer)
+    raise UserError(f"{where}: space {key} must be a list of values or a range {{low: L, "
+                    f"high: H, log: true|false}}, got {value!r}")
+
+
+def parse_study(raw: dict[str, Any], where: str) -> Study:
+    unknown = [k for k in raw if k not in KEYS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), KEYS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"a study file has {', '.join(KEYS)}"
+        raise UserError(f"{where}: unknown key '{unknown[0]}': {hint}")
+    preset = _one_of(raw.get("preset", "seed"), tuple(PRESETS), "preset", where)
+    sampler = _one_of(raw.get("sampler", "tpe"), SAMPLERS, "sampler", where)
+    pruner = _one_of(raw.get("pruner", "none"), PRUNERS, "pruner", where)
+    seeds = _count(raw.get("seeds", 1), "seeds", where, MAX_SEEDS)
+    settings = _flat(raw.get("settings"), where)
+    space_raw = raw.get("space") or {}
+    if not isinstance(space_raw, dict):
+        raise UserError(f"{where}: space must be a mapping of setting keys to a list of values "
+                        f"or a range, e.g. space: {{optim.lr: [0.05, 0.1]}}")
+    for key in [*settings, *space_raw]:
+        if str(key) in STUDY_OWNED:
+            raise UserError(f"{where}: '{key}' is set by the study itself; "
+                            f"{STUDY_OWNED[str(key)]}")
+    base = get_preset(preset)
+    for key, value in settings.items():  # unknown keys and wrong types, one line each
+        try:
+            base = cfg.apply_dict(base, cfg.nest(key, value))
+        except UserError as e:
+            raise UserError(f"{where}: settings: {e}") from None
+    space: dict[str, Axis] = {}
+    for key, value in space_raw.items():
+        key = str(key)
+        if key in settings:
+            raise UserError(f"{where}: '{key}' is both fixed in settings and varied in space; "
+                            "keep one")
+        if key not in cfg.settings():
+            try:
+                cfg.apply_dict(base, cfg.nest(key, 0))
+            except UserError as e:
+                raise UserError(f"{where}: space: {e}") from None
+        space[key] = _axis(key, value, base, where)
+    if not space and sampler != "grid":
+        raise UserError(f"{where}: sampler {sampler} needs a space to search; add one, or use "
+                        "sampler: grid to repeat the settings alone")
+    trials = raw.get("trials")
+    if trials is not None:
+        trials = _count(trials, "trials", where, MAX_TRIALS)
+    elif sampler != "grid":
+        raise UserError(f"{where}: sampler {sampler} needs a budget: add trials: N")
+    if sampler == "grid":
+        ranges = [k for k, v in space.items() if isinstance(v, Range)]
+        if ranges:
+            raise UserError(f"{where}: sampler grid needs a list of values for every axis; "
+                            f"{ranges[0]} is a range (list its values, or use sampler tpe)")
+    study = Study(preset, settings, space, seeds, sampler, trials, pruner)
+    check_study(study, where)
+    return study
+
+
+def _corners(study: Study) -> list[dict[str, Any]]:
+    """Every listed value of each axis, and both ends of each range, one axis at a time."""
+    points: list[dict[str, Any]] = [{}]
+    for key, axis in study.space.items():
+        values = [axis.low, axis.high] if isinstance(axis, Range) else axis
+        points += [{key: v} for v in values]
+    return points
+
+
+def check_study(study: Study, where: str) -> None:
+    """Every value the study can give a trial must make a valid config."""
+    for point in _corners(study):
+        try:
+            study.config_for(point, study.seeds - 1).validate()
+        except UserError as e:
+            what = ", ".join(f"{k}={cfg._show(v)}" for k, v in point.items()) or "settings"
+            raise UserError(f"{where}: {what}: {e}") from None
