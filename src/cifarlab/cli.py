@@ -319,8 +319,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_range(flag: str, value: int, low: int, high: int | None, example: int) -> None:
-    """A command's numeric flag in [low, high]: UserError naming it and a valid value."""
+def check_range(flag: str, value: int | None, low: int, high: int | None, example: int
+                ) -> None:
+    """A command's numeric flag in [low, high] (None: not given): UserError naming it and a
+    valid value."""
+    if value is None:
+        return
     if value < low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
         raise UserError(f"{flag} {value}: must be {bounds}; e.g. {flag} {example}")
@@ -492,8 +496,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from cifarlab.deploy.quantize import quantize
 
-    if args.threads is not None:
-        check_range("--threads", args.threads, 1, None, 2)
+    check_range("--threads", args.threads, 1, None, 2)
     result = quantize(args.checkpoint, args.data, args.output, calibration=args.calibration,
                       images=args.images, max_drop=args.max_drop, test_data=args.test_data,
                       data_root=args.data_root, threads=args.threads,
@@ -508,8 +511,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cifarlab.deploy.bench import bench, figure
 
-    if args.threads is not None:
-        check_range("--threads", args.threads, 1, None, 2)
+    check_range("--threads", args.threads, 1, None, 2)
     if args.output:  # refused before minutes of measuring, not after
         from cifarlab.plots import FORMATS
 
