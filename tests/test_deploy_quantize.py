@@ -87,6 +87,25 @@ def test_refuses_a_model_that_loses_accuracy(trained_run, tmp_path, capsys, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_auto_calibration_tries_percentile_only_when_minmax_loses_too_much(
+        trained_run, tmp_path, capsys, monkeypatch, one_candidate):
+    real_score = quantize.score
+    scored_names = []
+
+    def minmax_worse(path, name, val, test, threads):  # as if minmax lost 5 points
+        scored = real_score(path, name, val, test, threads)
+        scored_names.append(name)
+        if name.endswith(", minmax"):
+            scored.val_acc -= 5.0
+        return scored
+
+    monkeypatch.setattr(quantize, "score", minmax_worse)
+    out = tmp_path / "m.int8.onnx"
+    assert main(["quantize", str(trained_run), *FAST, "--max-drop", "1", "-o", str(out)]) == 0
+    assert runtime.OnnxClassifier(out).meta("quantization")["calibration"] == "percentile"
+    assert [n.rsplit(", ", 1)[-1] for n in scored_names[1:]] == ["minmax", "percentile"]
+
+
 def test_calibration_data_of_other_classes_is_refused(trained_run, tmp_path, capsys):
     folder = tmp_path / "other"
     rng = np.random.default_rng(0)

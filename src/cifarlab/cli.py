@@ -205,8 +205,10 @@ def add_deploy_commands(commands: Any) -> None:
                           help="the data the checkpoint was trained on (its split is redrawn)")
     quantize.add_argument("-o", "--output", metavar="FILE",
                           help="default: beside the checkpoint, e.g. runs/x/best.int8.onnx")
-    quantize.add_argument("--calibration", default="minmax",
-                          choices=["minmax", "percentile", "entropy"])
+    quantize.add_argument("--calibration", default="auto",
+                          choices=["auto", "minmax", "percentile", "entropy"],
+                          help="auto (default): minmax, and percentile then entropy only when "
+                               "no int8 format is within --max-drop with it")
     quantize.add_argument("--images", type=int, default=512,
                           help="calibration images from the training split (default 512)")
     quantize.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",

@@ -10,7 +10,9 @@ int8 dot products take one instruction; without it onnxruntime's u8s8 kernels us
 `vpmaddubsw`, whose 16-bit sums can saturate, so weights are quantized to 7 bits
 (`reduce_range`), and its s8s8 path is slower than float32 there. So every candidate is
 calibrated, scored on the validation split and timed, and the fastest one whose accuracy is
-within `max_drop` points of float32's is written; none within it: nothing is written.
+within `max_drop` points of float32's is written. The calibration method is chosen the same
+way ("auto"): minmax first; only when no format is within `max_drop` with it, percentile, then
+entropy (slower to calibrate, and less hurt by outliers). None within it: nothing is written.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from cifarlab.errors import UserError
 
 log = logging.getLogger("cifarlab")
 
-CALIBRATIONS = ("minmax", "percentile", "entropy")
+CALIBRATIONS = ("auto", "minmax", "percentile", "entropy")  # auto: the others in turn
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 CALIBRATION_SEED = 0
 CALIBRATION_BATCH = 32
 
@@ -143,7 +146,7 @@ def score(path: Path, name: str, val: ImageSet, test: ImageSet | None, threads: 
 
 
 def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
-             calibration: str = "minmax", images: int = 512, max_drop: float = 1.0,
+             calibration: str = "auto", images: int = 512, max_drop: float = 1.0,
              test_data: str | None = None, data_root: str | Path = "data",
              threads: int | None = None, int8_format: str = "auto") -> QuantizeResult:
     """Quantize a checkpoint (or a run folder's best.pt); see the module docstring.
@@ -170,10 +173,9 @@ def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
     log.info("VNNI: yes, int8 weights use the full 8 bits" if cpu.vnni else
              "VNNI: no, so uint8 x int8 kernels can saturate: weights are quantized to 7 bits "
              "(reduce_range)")
-    log.info(f"calibration: {calibration} on {len(calib)} training images; scoring on "
-             f"{len(val.labels)} validation images")
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[calibration]
+    methods = CALIBRATIONS[1:] if calibration == "auto" else (calibration,)
+    log.info(f"calibration: {' or '.join(methods)} on {len(calib)} training images; scoring "
+             f"on {len(val.labels)} validation images")
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory(prefix="cifarlab-quantize-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -184,30 +186,38 @@ def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
             quant_pre_process(str(fp32_path), str(prepared))
         fp32 = score(fp32_path, "fp32", val, test, threads)
         log.info(_line(fp32, fp32))
-        cache = tmp / "calibration.json"  # one calibration serves every candidate
-        tried: list[tuple[Scored, Path, Candidate]] = []
+        tried: list[tuple[Scored, Path, Candidate, str]] = []
         tried_formats = [c for c in candidates(cpu) if int8_format in ("auto", c.key)]
-        for i, candidate in enumerate(tried_formats):
-            path = tmp / f"int8-{i}.onnx"
-            with export.quiet():
-                quantize_static(
-                    str(prepared), str(path), CalibrationImages(calib),
-                    quant_format=getattr(QuantFormat, candidate.quant_format), per_channel=True,
-                    reduce_range=candidate.reduce_range,
-                    activation_type=types[candidate.activations], weight_type=QuantType.QInt8,
-                    calibrate_method=method, calibration_cache_path=str(cache))
-            scored = score(path, candidate.name, val, test, threads)
-            scored.passed = fp32.val_acc - scored.val_acc <= max_drop
-            log.info(_line(scored, fp32))
-            tried.append((scored, path, candidate))
+        for method in methods:
+            cache = tmp / f"calibration-{method}.json"  # one calibration serves every format
+            for i, candidate in enumerate(tried_formats):
+                path = tmp / f"int8-{method}-{i}.onnx"
+                with export.quiet():
+                    quantize_static(
+                        str(prepared), str(path), CalibrationImages(calib),
+                        quant_format=getattr(QuantFormat, candidate.quant_format),
+                        per_channel=True, reduce_range=candidate.reduce_range,
+                        activation_type=types[candidate.activations],
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                        calibration_cache_path=str(cache))
+                name = candidate.name if len(methods) == 1 else f"{candidate.name}, {method}"
+                scored = score(path, name, val, test, threads)
+                scored.passed = fp32.val_acc - scored.val_acc <= max_drop
+                log.info(_line(scored, fp32))
+                tried.append((scored, path, candidate, method))
+            if any(t[0].passed for t in tried):
+                break  # a later method is tried only when this one lost too much
         passing = [t for t in tried if t[0].passed]
         if not passing:
-            drops = ", ".join(f"{s.name} {fp32.val_acc - s.val_acc:.2f}" for s, _, _ in tried)
+            drops = ", ".join(f"{s.name} {fp32.val_acc - s.val_acc:.2f}" for s, *_ in tried)
+            hint = ("more --images" if calibration == "auto"
+                    else "--calibration auto (tries each method) or more --images")
             raise UserError(
                 f"no int8 model is within --max-drop {max_drop} points of float32's "
                 f"{fp32.val_acc:.2f}% validation accuracy (drops: {drops}); nothing written; "
-                "try --calibration percentile or more --images, or allow a larger --max-drop")
-        best, best_path, candidate = max(passing, key=lambda t: t[0].throughput)
+                f"try {hint}, or allow a larger --max-drop")
+        best, best_path, candidate, calibration = max(passing, key=lambda t: t[0].throughput)
         write_int8(loaded, best_path, target, {
             "format": candidate.quant_format, "activations": candidate.activations,
             "weights": "int8 per channel", "reduce_range": candidate.reduce_range,
