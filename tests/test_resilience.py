@@ -70,13 +70,29 @@ def assert_same_run(a, b):
     assert all(torch.equal(ba[k], bb[k]) for k in ba)
 
 
+def uninterrupted(out, args):
+    """The run of `args` in `out`/ref, never interrupted."""
+    code, _, err = finish(cifarlab(*args, "--out", str(out), "--name", "ref"))
+    assert code == 0, err
+    return out / "ref"
+
+
+def signalled_mid_epoch(out, args, sig):
+    """The run of `args` in `out`/stopped, sent `sig` in its second epoch: (exit code, stderr,
+    run folder)."""
+    run_dir = out / "stopped"
+    proc = cifarlab(*args, "--out", str(out), "--name", "stopped")
+    wait_for_epochs(run_dir, 1, proc)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    returncode, _, err = finish(proc)
+    return returncode, err, run_dir
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A run never interrupted."""
-    out = tmp_path_factory.mktemp("ref")
-    code, _, err = finish(cifarlab(*TRAIN, "--out", str(out), "--name", "ref"))
-    assert code == 0, err
-    return out / "ref"
+    return uninterrupted(tmp_path_factory.mktemp("ref"), TRAIN)
 
 
 def test_cpu_runs_with_one_seed_repeat_bit_for_bit(reference, tmp_path):
@@ -102,12 +118,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference, t
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, code):
-    run_dir = tmp_path / "stopped"
-    proc = cifarlab(*TRAIN, "--out", str(tmp_path), "--name", "stopped")
-    wait_for_epochs(run_dir, 1, proc)
-    time.sleep(0.3)
-    proc.send_signal(sig)
-    returncode, out, err = finish(proc)
+    returncode, err, run_dir = signalled_mid_epoch(tmp_path, TRAIN, sig)
     assert returncode == code
     assert f"stopped by {signal.Signals(sig).name} at epoch" in err  # not the grace period's
     assert f"cifarlab train --resume {run_dir}" in err and "Traceback" not in err
@@ -126,19 +137,11 @@ RECIPE = [*TRAIN, "--set", "ema.enabled=true", "--set", "ema.select=ema", "--set
 
 @pytest.fixture(scope="module")
 def recipe_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("recipe")
-    code, _, err = finish(cifarlab(*RECIPE, "--out", str(out), "--name", "ref"))
-    assert code == 0, err
-    return out / "ref"
+    return uninterrupted(tmp_path_factory.mktemp("recipe"), RECIPE)
 
 
 def test_sigterm_mid_epoch_with_ema_and_mixing_then_resume_is_exact(recipe_reference, tmp_path):
-    run_dir = tmp_path / "stopped"
-    proc = cifarlab(*RECIPE, "--out", str(tmp_path), "--name", "stopped")
-    wait_for_epochs(run_dir, 1, proc)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    returncode, _, err = finish(proc)
+    returncode, err, run_dir = signalled_mid_epoch(tmp_path, RECIPE, signal.SIGTERM)
     assert returncode == 143, err
     stopped = checkpoint.load(run_dir / "last.pt")["train_state"]
     assert stopped["position"] != [1, 0] and stopped["ema"]["updates"] > 0
