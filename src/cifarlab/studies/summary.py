@@ -12,9 +12,10 @@ from typing import Any
 
 from cifarlab import config as cfg
 from cifarlab.errors import UserError
+from cifarlab.runs import RESULT_FILE, read_run
 from cifarlab.studies import stats
 from cifarlab.studies.spec import parse_study
-from cifarlab.studies.sweep import JOURNAL_FILE, STUDY_FILE, _read_result, open_study
+from cifarlab.studies.sweep import JOURNAL_FILE, STUDY_FILE, open_study
 
 SUMMARY_FILE = "study.md"
 
@@ -61,9 +62,10 @@ def points(folder: Path, study: Any, optuna_study: Any) -> tuple[list[Point], di
         point = grouped.setdefault(key, Point(params, [], [], []))
         point.runs.append(run)
         point.val.append(float(t.value))
-        result = _read_result(folder / run)
-        if result is not None and result.get("test_acc") is not None:
-            point.test.append(float(result["test_acc"]))
+        if (folder / run / RESULT_FILE).is_file():
+            test_acc = read_run(folder / run).result["test_acc"]
+            if test_acc is not None:
+                point.test.append(float(test_acc))
     return list(grouped.values()), states
 
 

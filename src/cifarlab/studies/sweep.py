@@ -14,7 +14,6 @@ failed in training), so none is counted twice.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import logging
 import re
@@ -25,6 +24,7 @@ from typing import Any
 
 from cifarlab import config as cfg
 from cifarlab.errors import TrainingFailed, UserError
+from cifarlab.runs import METRICS_FILE, RESULT_FILE, read_run
 from cifarlab.studies.spec import Range, Study, load_study, parse_study
 
 log = logging.getLogger("cifarlab")
@@ -210,15 +210,16 @@ class Objective:
         config = self.study.config_for(params, seed)
         config = cfg.apply_dict(config, {"out": str(self.folder), "name": name})
         run_dir = self.folder / name
-        result = _read_result(run_dir)
-        if result is not None:  # trained before the trial was recorded as finished
+        if (run_dir / RESULT_FILE).is_file():  # trained before the trial was recorded
             log.info(f"trial {trial.number}: {name} finished before; reading its result")
-            return float(result["best_val_acc"])
+            return float(read_run(run_dir).result["best_val_acc"])
         resume = None
         if (run_dir / "last.pt").is_file():
             resume = run_dir
-            for epoch, value in _val_history(run_dir):  # the pruner sees the whole run
-                trial.report(value, epoch)
+            # The pruner sees the whole run (a run stopped in its first epoch has no metrics).
+            history = read_run(run_dir).history if (run_dir / METRICS_FILE).is_file() else []
+            for row in history:
+                trial.report(row.val_acc, row.epoch)
         elif run_dir.exists():  # cut short before its first checkpoint
             shutil.rmtree(run_dir)
         log.info(f"trial {trial.number}: {name}" + (" (resuming)" if resume else ""))
@@ -238,23 +239,3 @@ class Objective:
             log.warning(f"trial {trial.number}: {name} failed: {e}")
             raise
         return float(fitted.best_val_acc)
-
-
-def _read_result(run_dir: Path) -> dict[str, Any] | None:
-    import json
-
-    path = run_dir / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _val_history(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [(int(row["epoch"]), float(row["val_acc"])) for row in csv.DictReader(f)]
