@@ -7,6 +7,7 @@
     cifarlab models    [--classes N] [--width W] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
     cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
+    cifarlab compare   --variants MODEL MODEL [...] [--data SPEC] [--json] [--report DIR]
     cifarlab report    RUN [--against RUN]
     cifarlab predict   CHECKPOINT|RUN_DIR|MODEL.onnx IMAGE [IMAGE ...] [--topk K] [--json]
     cifarlab export    CHECKPOINT|RUN_DIR [-o FILE] [--format onnx|pt2|safetensors] [--data SPEC]
@@ -132,10 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Results, each run's delta against the first, and the settings that "
                     "differ; the figure shows validation accuracy and learning rate.")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the first is "
-                         "the reference")
+                         "the reference (with --variants: run folders, checkpoints, .onnx files)")
     compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    compare.add_argument("-o", "--output", default="comparison.png", metavar="FILE",
-                         help="the figure: PNG, SVG or PDF (default comparison.png)")
+    compare.add_argument("-o", "--output", metavar="FILE", help="the figure: PNG, SVG or PDF "
+                         "(default comparison.png; with --variants variants.png)")
+    variants = compare.add_argument_group(
+        "variants", "--variants: accuracy against MACs, parameters, file size and CPU latency "
+        "of models (a baseline, pruned, distilled, exported, int8), Pareto fronts marked")
+    variants.add_argument("--variants", action="store_true",
+                          help="compare the given models as variants of one model")
+    variants.add_argument("--data", metavar="SPEC", help="score .onnx files on the validation "
+                          "split of their run, drawn from SPEC (default: what export or "
+                          "quantize recorded)")
+    variants.add_argument("--data-root", default="data")
+    variants.add_argument("--threads", type=int, help="threads for every runtime (default: all)")
+    variants.add_argument("--json", action="store_true", help="print JSON")
+    variants.add_argument("--report", metavar="DIR",
+                          help="also write DIR/variants.md and a self-contained variants.html")
 
     report = commands.add_parser(
         "report", help="write report.md and report.html into a run folder",
@@ -438,6 +452,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cifarlab.report import comparison_tables, markdown_table, text_table
     from cifarlab.runs import read_runs
 
+    if args.variants:
+        return compare_variants(args)
+    given = [f for f in ("data", "threads", "json", "report") if getattr(args, f)]
+    if given:
+        raise UserError(f"--{given[0]} is for --variants only; add --variants or drop it")
     if len(args.runs) < 2:
         raise UserError("compare needs at least two run folders; to look at one, use "
                         "cifarlab plot or cifarlab report")
@@ -446,7 +465,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for table in comparison_tables(runs):
         print(render(table), end="\n\n")
     print(f"Deltas against {runs[0].label}: accuracy in percentage points, time in seconds.")
-    print(f"wrote {save_figure(comparison_figure(runs), args.output)}")
+    print(f"wrote {save_figure(comparison_figure(runs), args.output or 'comparison.png')}")
+    return 0
+
+
+def compare_variants(args: argparse.Namespace) -> int:
+    from cifarlab.deploy import variants
+    from cifarlab.plots import save_figure
+
+    check_range("--threads", args.threads, 1, None, 2)
+    output = args.output or variants.VARIANTS_PNG
+    variants.check_outputs(output, args.report)
+    result = variants.compare_variants(args.runs, args.threads, args.data, args.data_root)
+    print(result.to_json() if args.json else variants.text(result, markdown=args.markdown))
+    said = sys.stderr if args.json else sys.stdout
+    print(f"wrote {save_figure(variants.figure(result), output)}", file=said)
+    if args.report:
+        html = variants.write_report(result, args.report)
+        print(f"wrote {html.with_suffix('.md')} and {html}", file=said)
     return 0
 
 

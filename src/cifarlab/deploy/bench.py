@@ -127,65 +127,101 @@ def eval_set(spec: str, data_root: str | Path, split: dict[str, Any], classes: l
     from cifarlab.data.sources import load_source
 
     source = load_source(spec, data_root, label_set=split.get("label_set", "fine"))
-    if source.test is not None:
-        data, name = source.test, "test"
-    else:
-        import dataclasses
+    if source.test is None:
+        return "validation", validation_set(spec, data_root, split, classes)
+    if source.test.classes != classes:
+        raise UserError(f"--data {spec}: classes {source.test.classes} are not the model's "
+                        f"{classes}; give data of the same classes")
+    return "test", source.test
 
-        from cifarlab.config import DataConfig
-        from cifarlab.data.splits import prepare_splits
 
-        known = {k: split[k] for k in ("val_fraction", "split_seed", "limit", "label_set")
-                 if k in split}
-        config = dataclasses.replace(DataConfig(), source=spec, test_source="none",
-                                     root=str(data_root), **known)
-        data, name = prepare_splits(config).val, "validation"
+def validation_set(spec: str, data_root: str | Path, split: dict[str, Any],
+                   classes: list[str]) -> Any:
+    """The validation split of a model's own run, redrawn from `spec` with the run's split
+    settings (`split`: its data settings, or the `split` an exported file records)."""
+    import dataclasses
+
+    from cifarlab.config import DataConfig
+    from cifarlab.data.splits import prepare_splits
+
+    known = {k: split[k] for k in ("val_fraction", "split_seed", "limit", "label_set",
+                                   "resize") if k in split}
+    config = dataclasses.replace(DataConfig(), source=spec, test_source="none",
+                                 root=str(data_root), **known)
+    data = prepare_splits(config).val
     if data.classes != classes:
         raise UserError(f"--data {spec}: classes {data.classes} are not the model's {classes}; "
                         "give data of the same classes")
-    return name, data
+    return data
+
+
+def timing_images() -> np.ndarray:
+    """The seeded batch every model is timed on (pixel values do not change the time)."""
+    return np.random.default_rng(0).integers(0, 256, size=(BATCH, 32, 32, 3), dtype=np.uint8)
+
+
+def accuracy(logits: Callable[[np.ndarray], np.ndarray], data: Any) -> float:
+    """Percent of `data`'s images (an ImageSet) whose top-1 class is right."""
+    return 100.0 * float((logits(data.images).argmax(1) == data.labels).mean())
+
+
+@dataclass
+class Opened:
+    """A model in the runtime that applies to it, ready to time and score."""
+
+    path: Path  # the file read: the checkpoint (a run folder's best.pt) or the .onnx file
+    runtime: str  # as Row.runtime
+    architecture: dict[str, Any] | None  # create_model's arguments (model_args)
+    split: dict[str, Any]  # the data settings of the model's run
+    classes: list[str]
+    call: Callable[[np.ndarray], Any]  # what is timed: one runtime call, uint8 NHWC in
+    logits: Callable[[np.ndarray], np.ndarray]  # any number of uint8 NHWC images
+    ckpt: dict[str, Any] | None = None  # torch models
+    onnx: runtime.OnnxClassifier | None = None  # .onnx files
+
+
+def open_model(given: str | Path, threads: int) -> Opened:
+    """A checkpoint or run folder (torch eager) or an .onnx file (onnxruntime, `threads`)."""
+    if Path(given).suffix == ".onnx":
+        model = runtime.OnnxClassifier(given, threads=threads)
+        path = Path(given)
+        kind = "onnxruntime int8" if runtime.is_int8(path) else "onnxruntime fp32"
+        return Opened(path, kind, model.meta("architecture"), model.meta("split", {}),
+                      model.classes, lambda x: model.run(runtime.to_input(x)), model.logits,
+                      onnx=model)
+    import torch
+
+    from cifarlab.deploy.export import load
+
+    loaded = load(given)
+    module = loaded.module
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = [module(torch.from_numpy(runtime.to_input(x[i : i + 256])))
+                   for i in range(0, len(x), 256)]
+        return torch.cat(out).numpy()
+
+    return Opened(loaded.path, "torch eager fp32", loaded.ckpt["model_args"],
+                  loaded.ckpt.get("config", {}).get("data", {}), list(loaded.ckpt["classes"]),
+                  logits, logits, ckpt=loaded.ckpt)
 
 
 def bench_model(given: str, threads: int, data: str | None, data_root: str | Path) -> Row:
     """One model: a checkpoint or run folder (torch eager), or an .onnx file (onnxruntime)."""
     from cifarlab.profile import model_size
 
-    images = np.random.default_rng(0).integers(0, 256, size=(BATCH, 32, 32, 3), dtype=np.uint8)
-    if Path(given).suffix == ".onnx":
-        model = runtime.OnnxClassifier(given, threads=threads)
-        path = Path(given)
-        kind = "onnxruntime int8" if runtime.is_int8(path) else "onnxruntime fp32"
-        arch, split, classes = model.meta("architecture"), model.meta("split", {}), model.classes
-        timing = time_onnx(model, images)
-
-        def logits(x: np.ndarray) -> np.ndarray:
-            return model.logits(x)
-    else:
-        import torch
-
-        from cifarlab.deploy.export import load
-
-        loaded = load(given)
-        path, kind, module = loaded.path, "torch eager fp32", loaded.module
-        arch, classes = loaded.ckpt["model_args"], list(loaded.ckpt["classes"])
-        split = loaded.ckpt.get("config", {}).get("data", {})
-
-        def logits(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                out = [module(torch.from_numpy(runtime.to_input(x[i : i + 256])))
-                       for i in range(0, len(x), 256)]
-            return torch.cat(out).numpy()
-
-        timing = measure(logits, images)
-    if arch is None:
+    model = open_model(given, threads)
+    if model.architecture is None:
         raise UserError(f"{given}: no architecture in its metadata; give a file written by "
                         "cifarlab export or cifarlab quantize")
-    size = model_size(arch)
-    row = Row(given, kind, arch, size.params, size.macs, path.stat().st_size / 1e6,
-              **asdict(timing))
+    timing = measure(model.call, timing_images())
+    size = model_size(model.architecture)
+    row = Row(given, model.runtime, model.architecture, size.params, size.macs,
+              model.path.stat().st_size / 1e6, **asdict(timing))
     if data is not None:
-        row.acc_split, scored = eval_set(data, data_root, split, classes)
-        row.acc = 100.0 * float((logits(scored.images).argmax(1) == scored.labels).mean())
+        row.acc_split, scored = eval_set(data, data_root, model.split, model.classes)
+        row.acc = accuracy(model.logits, scored)
         row.acc_images = len(scored.labels)
     return row
 
@@ -219,12 +255,19 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
-def bench(models: Sequence[str], threads: int | None = None, data: str | None = None,
-          data_root: str | Path = "data") -> BenchResult:
+def pin_threads(threads: int | None) -> int:
+    """Give torch `threads` threads (None: every core this process may use); return the
+    count, which onnxruntime sessions are then opened with."""
     import torch
 
     threads = threads or runtime.cpu_info().cores
     torch.set_num_threads(threads)
+    return threads
+
+
+def bench(models: Sequence[str], threads: int | None = None, data: str | None = None,
+          data_root: str | Path = "data") -> BenchResult:
+    threads = pin_threads(threads)
     result = BenchResult(header(threads), [])
     for given in models:
         result.rows.append(bench_model(given, threads, data, data_root))

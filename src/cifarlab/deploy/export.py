@@ -82,7 +82,7 @@ class Loaded:
         """What a device needs to use the file, as strings (ONNX metadata_props)."""
         data = self.ckpt.get("config", {}).get("data", {})
         split = {k: data[k] for k in ("source", "val_fraction", "split_seed", "limit",
-                                      "label_set") if k in data}
+                                      "label_set", "resize") if k in data}
         return {
             "classes": json.dumps(list(self.ckpt["classes"])),
             "mean": json.dumps([float(v) for v in self.ckpt["mean"]]),
@@ -93,6 +93,8 @@ class Loaded:
             "tta_flip": json.dumps(self.module.flip),
             "split": json.dumps(split),
             "source_checkpoint": json.dumps(str(self.path)),
+            # percent, on the validation split of `split` (None: the checkpoint records none)
+            "source_val_acc": json.dumps(self.ckpt.get("val_acc")),
             "cifarlab_version": json.dumps(cifarlab.__version__),
         }
 
