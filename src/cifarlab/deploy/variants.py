@@ -307,8 +307,9 @@ def figure(result: VariantsResult) -> Any:
 
     fig = Figure(figsize=FIGURE_SIZE, layout="constrained")
     scored = [v for v in result.variants if v.val_acc is not None]
+    threads = result.header.threads
     for ax, cost in zip(fig.subplots(2, 2).ravel(), COSTS, strict=True):
-        ax.set_xlabel(cost.label + (f", {result.header.threads} threads"
+        ax.set_xlabel(cost.label + (f", {threads} thread{'s' * (threads != 1)}"
                                     if cost.key == "latency" else ""))
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(f"Accuracy against {cost.name}")
@@ -321,18 +322,22 @@ def figure(result: VariantsResult) -> Any:
             points = [v for v in scored if v.runtime == runtime]
             if points:
                 ax.scatter([cost.of(v) for v in points], [v.val_acc for v in points], s=45,
-                           color=color, label=runtime, zorder=3,
-                           edgecolors=["black" if v.pareto[cost.key] else "none"
-                                       for v in points])
+                           color=color, label=runtime, zorder=3)
         front = sorted((cost.of(v), v.val_acc) for v in scored if v.pareto[cost.key])
+        ax.scatter([x for x, _ in front], [y for _, y in front], s=130, facecolors="none",
+                   edgecolors="black", linewidths=1.2, label="on the Pareto front", zorder=4)
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="0.35",
-                linewidth=1.3, label="Pareto front", zorder=2)
+                linewidth=1.3, zorder=2)
+        at: dict[tuple[float, float], list[str]] = {}  # variants drawn on one spot share a label
         for v in scored:
-            ax.annotate(v.label, (cost.of(v), v.val_acc), fontsize=8, xytext=(4, 4),
+            at.setdefault((cost.of(v), v.val_acc), []).append(v.label)
+        for (x, y), names in at.items():
+            ax.annotate(", ".join(names), (x, y), fontsize=8, xytext=(5, 5),
                         textcoords="offset points")
         values = [cost.of(v) for v in scored]
         if min(values) > 0 and max(values) / min(values) > 20:  # orders of magnitude apart
             ax.set_xscale("log")
+        ax.margins(x=0.2, y=0.15)  # room for the labels
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Variants: accuracy against cost; {result.header.cpu}", fontsize=12)
     return fig
