@@ -379,7 +379,7 @@ def document(result: VariantsResult) -> Any:
               "(cifarlab compare --variants).")
     return Document("Variants: accuracy against cost", [Text(
         f"{len(result.variants)} variants of one model, timed on {h.cpu} with {h.threads} "
-        "threads.")], sections, footer)
+        f"thread{'s' * (h.threads != 1)}.")], sections, footer)
 
 
 def _model_text(args: dict[str, Any]) -> str:
