@@ -25,6 +25,16 @@ def quick_timing(monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def wider(tmp_path_factory):
+    """Another architecture of the same task: width 8, one epoch."""
+    out = tmp_path_factory.mktemp("wider")
+    assert main(["train", "--data", "synthetic:300", "--epochs", "1", "--workers", "0",
+                 "--set", "model.width=8", "--batch-size", "64", "--out", str(out),
+                 "--name", "wide"]) == 0
+    return out / "wide"
+
+
+@pytest.fixture(scope="module")
 def models(trained_run, tmp_path_factory):
     """The trained run, its float32 ONNX export and its int8 model."""
     folder = tmp_path_factory.mktemp("variants")
@@ -93,29 +103,36 @@ def test_report_of_variants_without_accuracy_is_self_contained(tmp_path):
         in markdown
 
 
-def test_variants_table_json_figure_and_report(models, tmp_path, capsys):
+def test_variants_table_json_figure_and_report(models, wider, tmp_path, capsys):
     run, fp32, int8 = models
     figure, report = tmp_path / "v.svg", tmp_path / "report"
-    code = main(["compare", "--variants", str(run), str(fp32), str(int8), "--threads", "1",
-                 "--json", "-o", str(figure), "--report", str(report)])
+    code = main(["compare", "--variants", str(run), str(fp32), str(int8), str(wider / "best.pt"),
+                 "--threads", "1", "--json", "-o", str(figure), "--report", str(report)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = variants.VariantsResult.from_json(captured.out)
     assert result.to_json() == captured.out.rstrip("\n")  # the JSON round-trips
     assert result.header.threads == 1 and torch.get_num_threads() == 1
     assert result.header.torch == torch.__version__ and result.header.onnxruntime
-    rows = result.variants
-    assert [v.runtime for v in rows] == ["torch eager fp32", "onnxruntime fp32",
-                                         "onnxruntime int8"]
-    assert [v.label for v in rows] == ["tiny", f"{fp32.parent.name}/tiny.onnx",
-                                       f"{fp32.parent.name}/tiny.int8.onnx"]
+    rows, wide = result.variants[:3], result.variants[3]
+    assert [v.runtime for v in result.variants] == [
+        "torch eager fp32", "onnxruntime fp32", "onnxruntime int8", "torch eager fp32"]
+    assert [v.label for v in result.variants] == [
+        "tiny", f"{fp32.parent.name}/tiny.onnx", f"{fp32.parent.name}/tiny.int8.onnx",
+        "wide/best.pt"]
     ckpt = checkpoint.load(run / "best.pt")
     size = model_size(ckpt["model_args"])
-    for v in rows:
-        assert (v.params, v.macs) == (size.params, size.macs) and v.params > 0
+    wide_ckpt = checkpoint.load(wider / "best.pt")
+    wide_size = model_size(wide_ckpt["model_args"])
+    assert (wide.params, wide.macs) == (wide_size.params, wide_size.macs)
+    assert wide.macs > size.macs and wide.val_acc == wide_ckpt["val_acc"]
+    assert wide.test_acc is None  # a checkpoint file, not a run folder
+    for v in result.variants:
         assert math.isfinite(v.latency_ms) and 0 < v.latency_ms <= v.latency_p90_ms
         assert math.isfinite(v.throughput) and v.throughput > 0
         assert set(v.pareto) == {"macs", "params", "size", "latency"}
+    for v in rows:
+        assert (v.params, v.macs) == (size.params, size.macs) and v.params > 0
     # Sizes: the .onnx files on disk; the checkpoint's weights, more than their raw bytes
     # and less than best.pt with its config.
     assert rows[1].file_bytes == fp32.stat().st_size
@@ -128,9 +145,13 @@ def test_variants_table_json_figure_and_report(models, tmp_path, capsys):
     recorded = runtime.OnnxClassifier(int8).meta("quantization")["val_acc_int8"]
     assert (rows[2].val_acc, rows[2].acc_from) == (recorded, "quantize")
     assert rows[0].test_acc == read_run(run).test_acc and rows[1].test_acc is None
-    # The torch model and its export are equally accurate and equally many MACs, so the
-    # torch one is on no size or latency front when the export is smaller and faster.
-    assert rows[1].pareto["macs"] and rows[0].pareto["macs"]
+    # The fronts are those of the table's own numbers.
+    accs = [v.val_acc for v in result.variants]
+    for cost in variants.COSTS:
+        assert [v.pareto[cost.key] for v in result.variants] == variants.pareto_front(
+            accs, [cost.of(v) for v in result.variants])
+    # The export is as accurate as its checkpoint with a smaller file: the checkpoint is on
+    # no size front.
     assert not rows[0].pareto["size"]
     assert figure.read_bytes().lstrip().startswith(b"<?xml")
     page = (report / variants.VARIANTS_HTML).read_text()
