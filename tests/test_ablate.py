@@ -84,6 +84,11 @@ def test_a_sweep_names_run_folders_after_the_variant_and_groups_by_it(tmp_path, 
     rows = table(text, "a, optim.lr=0.1") + table(text, "b, optim.lr=0.1")
     assert len(rows) == 2 and all(len(r) == 6 for r in rows)  # no test columns: no test split
     assert "No run has a test accuracy" in text
+    values = [json.loads((out / n / "result.json").read_text())["best_val_acc"]
+              for n in ("a,optim.lr=0.1,seed=0", "b,optim.lr=0.1,seed=0")]
+    (by_lr,) = table(text, "0.1 |")  # grouped by the setting alone: both variants pooled
+    assert by_lr[1] == "2" and float(by_lr[2]) == pytest.approx(sum(values) / 2, abs=0.006)
+    assert [r[1] for r in table(text, "a |") + table(text, "b |")] == ["1", "1"]
     assert (out / "parallel_coordinate.png").stat().st_size > 0
     assert (out / "param_importances.png").stat().st_size > 0  # two parameters
 

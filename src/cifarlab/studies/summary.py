@@ -1,7 +1,8 @@
 """`cifarlab study STUDY_DIR`: the finished trials of a study grouped by point (its settings,
 and its variant where the study has variants), with the mean, standard deviation and 95 %
 confidence interval over their seeds, the best point by mean validation accuracy and Welch's
-t-test of each point against it; Optuna's figures (optimisation history, parameter
+t-test of each point against it, and the runs grouped by each listed axis alone; Optuna's
+figures (optimisation history, parameter
 importances, parallel coordinates). Written as study.md with the figures beside it and one
 self-contained study.html, by the run report's renderer (report.py).
 
@@ -148,6 +149,32 @@ def points_blocks(found: list[Point]) -> list[Block]:
     return [Text(text), Table(header, rows, "lrrrrr" + "rrrr"),
             Text(f"Best point by mean validation accuracy: {best.label} "
                  f"({b.mean:.2f} % over {b.n} seed(s)); its runs: {', '.join(best.runs)}.")]
+
+
+def by_setting_blocks(study: Study, found: list[Point]) -> list[Block]:
+    """For a study of two axes or more: the runs grouped by each listed axis's value alone
+    (every other axis pooled), ranked by mean validation accuracy."""
+    axes = study.axes()
+    if len(axes) < 2:
+        return []
+    any_test = any(p.test for p in found)
+    blocks: list[Block] = [Text("Each listed axis alone: the runs grouped by its value, all "
+                                "other axes pooled (a range is left out).")]
+    for key, axis in axes.items():
+        if not isinstance(axis, list):
+            continue
+        groups: dict[str, tuple[list[float], list[float]]] = {}
+        for p in found:
+            val, test = groups.setdefault(_fmt(p.params[key]), ([], []))
+            val.extend(p.val)
+            test.extend(p.test)
+        ranked = sorted(groups.items(), key=lambda g: -stats.mean(g[1][0]))
+        header = [key, "n", "val mean", "val sd", "val 95% CI"]
+        header += ["test n", "test mean", "test sd", "test 95% CI"] if any_test else []
+        rows = [[value, *_described(val), *(_described(test) if any_test else [])]
+                for value, (val, test) in ranked]
+        blocks.append(Table(header, rows, "lrrrr" + "rrrr"))
+    return blocks
 
 
 # ------------------------------------------------------------------------------ ablation
@@ -340,6 +367,9 @@ def build_document(folder: Path, study: Study, found: list[Point], states: dict[
         sections.append(Section("Ablation", ablation))
     else:
         sections.append(Section("Results by point", points_blocks(found)))
+        grouped = by_setting_blocks(study, found)
+        if grouped:
+            sections.append(Section("Results by setting", grouped))
     if figures or notes:
         images: list[Block] = [Image(name, *FIGURE_CAPTIONS[name]) for name in figures]
         skipped = [n for n in notes if ": skipped" in n]
