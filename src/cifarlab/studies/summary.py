@@ -2,9 +2,9 @@
 and its variant where the study has variants), with the mean, standard deviation and 95 %
 confidence interval over their seeds, the best point by mean validation accuracy and Welch's
 t-test of each point against it, and the runs grouped by each listed axis alone; Optuna's
-figures (optimisation history, parameter
-importances, parallel coordinates). Written as study.md with the figures beside it and one
-self-contained study.html, by the run report's renderer (report.py).
+figures (optimisation history, parameter importances, parallel coordinates). Written as
+study.md with the figures beside it and one self-contained study.html, by the run report's
+renderer (report.py).
 
 An ablation study (variants, one of them named `baseline`, and no space; `cifarlab ablate`
 writes one) is shown as its own table instead: each variant against the baseline, the
