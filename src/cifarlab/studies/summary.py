@@ -225,7 +225,8 @@ def ablation_blocks(study: Study, found: list[Point]) -> tuple[list[Block], byte
              "vs baseline: the variant's mean minus the baseline's, in points; Welch p: "
              "Welch's t-test of the two; Holm p: that p adjusted by Holm's method over the "
              "family of all variants' comparisons with the baseline (a difference is "
-             "significant at 5 % when Holm p < 0.05)."),
+             "significant at 5 % when Holm p < 0.05; a comparison without spread in either "
+             "variant has no p and is left out of the family)."),
         Text("Best validation accuracy of each run (selection):"),
         ablation_table(found, lambda p: p.val),
         Text(f"Best variant by mean validation accuracy: {best.variant} ({b.mean:.2f} % over "
