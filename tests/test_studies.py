@@ -174,7 +174,7 @@ def test_tpe_study_repeats_each_point_over_its_seeds(tmp_path, capsys):
     capsys.readouterr()
     assert main(["study", str(out)]) == 0
     row = [line for line in (out / "study.md").read_text().splitlines()
-           if line.startswith("| optim.")]
+           if line.startswith("| optim.label_smoothing=")]
     assert len(row) == 1 and row[0].split(" | ")[1] == "2"  # one point, two seeds
     values = [t.value for t in done]
     assert float(row[0].split(" | ")[2]) == pytest.approx(sum(values) / 2, abs=0.006)

@@ -15,6 +15,8 @@
     cifarlab bench     MODEL [MODEL ...] [--data SPEC] [--threads N] [--json] [-o FIGURE]
     cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC]
     cifarlab study     STUDY_DIR
+    cifarlab ablate    [--seeds N] [--variants A,B] [--out DIR] [--data SPEC] [--epochs N]
+                       [--limit N] [--device D] [--set KEY=VALUE ...]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -191,6 +193,24 @@ def add_study_commands(commands: Any) -> None:
         "study", help="a study's results by point: mean, sd and 95%% CI over seeds",
         description="Writes STUDY_DIR/study.md (also printed) and Optuna's figures beside it.")
     study.add_argument("folder", metavar="STUDY_DIR", help="the folder cifarlab sweep wrote")
+    ablate = commands.add_parser(
+        "ablate", help="the seed's enhancements added to the baseline one at a time and all "
+                       "together, N seeds each; a study with error bars",
+        description="Writes a study (study.yaml with variants) into --out, runs it like "
+                    "cifarlab sweep (started again, it continues), then summarises it like "
+                    "cifarlab study.")
+    ablate.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    ablate.add_argument("--variants", metavar="A,B",
+                        help="only these variants besides the baseline (default all: augment, "
+                             "label-smoothing, warmup-cosine, all)")
+    ablate.add_argument("--out", metavar="DIR", help="the study folder (default runs/ablation)")
+    for flag in ("data", "epochs", "limit", "device"):
+        key, kind, text = TRAIN_FLAGS[flag]
+        ablate.add_argument("--" + flag, type=kind, help=f"{text} [{key}]")
+    ablate.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="any setting for every variant, e.g. --set "
+                        "model.width=16; one an enhancement changes sets the enhanced "
+                        "variants' value, e.g. --set optim.warmup_epochs=1")
 
 
 def add_deploy_commands(commands: Any) -> None:
@@ -585,10 +605,30 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from cifarlab.studies.ablate import ablate, parse_sets
+    from cifarlab.studies.spec import MAX_SEEDS
+
+    check_range("--seeds", args.seeds, 1, MAX_SEEDS, 3)
+    settings = {TRAIN_FLAGS[flag][0]: getattr(args, flag)
+                for flag in ("data", "epochs", "limit", "device")
+                if getattr(args, flag) is not None}
+    settings.update(parse_sets(args.overrides))
+    names = None
+    if args.variants is not None:
+        names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    folder, text, notes = ablate(args.seeds, settings, args.out, names)
+    print(text)
+    for note in notes:
+        print(note)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
             "models": cmd_models, "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
             "predict": cmd_predict, "export": cmd_export, "quantize": cmd_quantize,
-            "bench": cmd_bench, "sweep": cmd_sweep, "study": cmd_study}
+            "bench": cmd_bench, "sweep": cmd_sweep, "study": cmd_study,
+            "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,18 @@
     trials: 40                                  # budget for random and tpe
     pruner: none                                # none | median | hyperband
 
-Everything is checked when the file is read, each value of the space against the settings'
-own rules, so that a study never stops half-way on a setting no run could use.
+A study may also name variants: whole sets of settings applied on top of `settings`, which
+the sweep treats as one more grid axis, `variant` (its run folders start with the name):
+
+    variants:                                   # name -> settings of that variant
+      baseline: {}
+      smoothing: {optim.label_smoothing: 0.1}
+
+`cifarlab ablate` writes such a study (studies/ablate.py).
+
+Everything is checked when the file is read, each value of the space and each variant
+against the settings' own rules, so that a study never stops half-way on a setting no run
+could use.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +40,10 @@ from cifarlab.presets import PRESETS, get_preset
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
-KEYS = ("preset", "settings", "space", "seeds", "sampler", "trials", "pruner")
+KEYS = ("preset", "settings", "variants", "space", "seeds", "sampler", "trials", "pruner")
+VARIANT = "variant"  # the name of the variants' axis among a trial's parameters
+# A variant's name starts its trials' run folder names: letters, digits, '.', '_', '+', '-'.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 # Settings a study owns: the seed of each trial, and where its run folder goes.
 STUDY_OWNED = {"seed": "give the number of repeats with `seeds: N`",
                "out": "the study folder is chosen with --out",
@@ -64,6 +78,14 @@ class Study:
     sampler: str
     trials: int | None  # None: the whole grid
     pruner: str
+    # variant name -> dotted key -> value, applied on top of `settings`; {}: no variants
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def axes(self) -> dict[str, list[Any] | Range]:
+        """The space, and the variants' names as one more list axis (`variant`)."""
+        if not self.variants:
+            return dict(self.space)
+        return {VARIANT: list(self.variants), **self.space}
 
     def base_config(self) -> cfg.Config:
         config = get_preset(self.preset)
@@ -72,16 +94,21 @@ class Study:
         return config
 
     def config_for(self, params: dict[str, Any], seed: int) -> cfg.Config:
-        """The settings of one trial: the base, the point's values and the seed."""
+        """The settings of one trial: the base, its variant's settings, the point's values
+        and the seed."""
         config = self.base_config()
+        params = dict(params)
+        for key, value in self.variants.get(params.pop(VARIANT, None), {}).items():
+            config = cfg.apply_dict(config, cfg.nest(key, value))
         for key, value in params.items():
             config = cfg.apply_dict(config, cfg.nest(key, value))
         return cfg.apply_dict(config, {"seed": seed})
 
     def grid(self) -> list[dict[str, Any]]:
         """Every point of a grid study (one empty point for an empty space)."""
-        keys = list(self.space)
-        values = [self.space[k] for k in keys]
+        axes = self.axes()
+        keys = list(axes)
+        values = [axes[k] for k in keys]
         return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
 
     def budget(self) -> int:
@@ -92,9 +119,11 @@ class Study:
 
     def to_dict(self) -> dict[str, Any]:
         """The study as stored in its folder (study.yaml)."""
+        variants = {"variants": {k: dict(v) for k, v in self.variants.items()}}
         return {
             "preset": self.preset,
             "settings": dict(self.settings),
+            **(variants if self.variants else {}),
             "space": {k: (v.to_dict() if isinstance(v, Range) else list(v))
                       for k, v in self.space.items()},
             "seeds": self.seeds,
@@ -114,9 +143,7 @@ def load_study(path: str | Path, data_source: str | None = None) -> Study:
     raw = cfg.load_yaml(path, where=where)
     study = parse_study(raw, where)
     if data_source is not None:
-        settings = {**study.settings, "data.source": data_source}
-        study = Study(study.preset, settings, study.space, study.seeds, study.sampler,
-                      study.trials, study.pruner)
+        study = replace(study, settings={**study.settings, "data.source": data_source})
         check_study(study, where)
     return study
 
@@ -185,6 +212,37 @@ def _axis(key: str, value: Any, base: cfg.Config, where: str) -> Axis:
                     f"high: H, log: true|false}}, got {value!r}")
 
 
+def _variants(raw: Any, base: cfg.Config, where: str) -> dict[str, dict[str, Any]]:
+    """Each variant's settings, every key and value checked against the settings' rules."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{where}: variants must be a mapping of names to settings with one "
+                        "variant or more, e.g. variants: {baseline: {}, smoothing: "
+                        "{optim.label_smoothing: 0.1}}")
+    variants: dict[str, dict[str, Any]] = {}
+    for name, settings in raw.items():
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+            raise UserError(f"{where}: variant name {name!r} must start with a letter or "
+                            "digit and hold only letters, digits, '.', '_', '+', '-' (64 at "
+                            "most): it starts its run folders' names, e.g. label-smoothing")
+        if settings is not None and not isinstance(settings, dict):
+            raise UserError(f"{where}: variant {name} must be a mapping of setting keys to "
+                            f"values (or {{}}), got {settings!r}")
+        flat = {str(k): v for k, v in (settings or {}).items()}
+        config = base
+        for key, value in flat.items():
+            if key in STUDY_OWNED:
+                raise UserError(f"{where}: variant {name}: '{key}' is set by the study itself; "
+                                f"{STUDY_OWNED[key]}")
+            try:
+                config = cfg.apply_dict(config, cfg.nest(key, value))
+            except UserError as e:
+                raise UserError(f"{where}: variant {name}: {e}") from None
+        variants[name] = flat
+    return variants
+
+
 def parse_study(raw: dict[str, Any], where: str) -> Study:
     unknown = [k for k in raw if k not in KEYS]
     if unknown:
@@ -210,19 +268,24 @@ def parse_study(raw: dict[str, Any], where: str) -> Study:
             base = cfg.apply_dict(base, cfg.nest(key, value))
         except UserError as e:
             raise UserError(f"{where}: settings: {e}") from None
+    variants = _variants(raw.get("variants"), base, where)
     space: dict[str, Axis] = {}
     for key, value in space_raw.items():
         key = str(key)
         if key in settings:
             raise UserError(f"{where}: '{key}' is both fixed in settings and varied in space; "
                             "keep one")
+        setting_variants = [n for n, v in variants.items() if key in v]
+        if setting_variants:
+            raise UserError(f"{where}: '{key}' is both set by variant {setting_variants[0]} and "
+                            "varied in space; keep one")
         if key not in cfg.settings():
             try:
                 cfg.apply_dict(base, cfg.nest(key, 0))
             except UserError as e:
                 raise UserError(f"{where}: space: {e}") from None
         space[key] = _axis(key, value, base, where)
-    if not space and sampler != "grid":
+    if not space and not variants and sampler != "grid":
         raise UserError(f"{where}: sampler {sampler} needs a space to search; add one, or use "
                         "sampler: grid to repeat the settings alone")
     trials = raw.get("trials")
@@ -235,15 +298,16 @@ def parse_study(raw: dict[str, Any], where: str) -> Study:
         if ranges:
             raise UserError(f"{where}: sampler grid needs a list of values for every axis; "
                             f"{ranges[0]} is a range (list its values, or use sampler tpe)")
-    study = Study(preset, settings, space, seeds, sampler, trials, pruner)
+    study = Study(preset, settings, space, seeds, sampler, trials, pruner, variants)
     check_study(study, where)
     return study
 
 
 def _corners(study: Study) -> list[dict[str, Any]]:
-    """Every listed value of each axis, and both ends of each range, one axis at a time."""
+    """Every listed value of each axis (each variant among them), and both ends of each
+    range, one axis at a time."""
     points: list[dict[str, Any]] = [{}]
-    for key, axis in study.space.items():
+    for key, axis in study.axes().items():
         values = [axis.low, axis.high] if isinstance(axis, Range) else axis
         points += [{key: v} for v in values]
     return points

@@ -1,4 +1,5 @@
-"""Mean, standard deviation, 95 % confidence interval (Student's t) and Welch's t-test.
+"""Mean, standard deviation, 95 % confidence interval (Student's t), Welch's t-test, and
+Holm's correction of a family of p-values.
 
 scipy.stats is used when it is installed; otherwise Student's t distribution is computed
 here from the regularized incomplete beta function (continued fraction, as in Numerical
@@ -59,6 +60,21 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
     t = (mean(a) - mean(b)) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return 2 * t_sf(abs(t), df)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None: no test, left out of the
+    family). The k-th smallest of m p-values is multiplied by m - k + 1, the products kept
+    non-decreasing in that order and capped at 1; a hypothesis is rejected at level alpha
+    when its adjusted p-value is at most alpha, which holds the family-wise error rate at
+    alpha (Holm, 1979)."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for k, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - k) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 # ------------------------------------------------------------------ Student's t distribution

@@ -1,23 +1,42 @@
-"""`cifarlab study STUDY_DIR`: the finished trials of a study grouped by point, with the
-mean, standard deviation and 95 % confidence interval over their seeds, the best point by
-mean validation accuracy and Welch's t-test of each point against it; study.md, and
-Optuna's figures beside it."""
+"""`cifarlab study STUDY_DIR`: the finished trials of a study grouped by point (its settings,
+and its variant where the study has variants), with the mean, standard deviation and 95 %
+confidence interval over their seeds, the best point by mean validation accuracy and Welch's
+t-test of each point against it, and the runs grouped by each listed axis alone; Optuna's
+figures (optimisation history, parameter importances, parallel coordinates). Written as
+study.md with the figures beside it and one self-contained study.html, by the run report's
+renderer (report.py).
+
+An ablation study (variants, one of them named `baseline`, and no space; `cifarlab ablate`
+writes one) is shown as its own table instead: each variant against the baseline, the
+difference of the means with Welch's p and Holm's adjusted p over the family of
+variant-vs-baseline comparisons, for validation and for test accuracy, and a bar chart with
+the 95 % confidence intervals. Selection is on validation accuracy only; test accuracy is
+reported beside it and never chosen on.
+"""
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cifarlab import __version__, checkpoint
 from cifarlab import config as cfg
 from cifarlab.errors import UserError
+from cifarlab.report import Block, Document, Image, Section, Table, Text, to_html, to_markdown
 from cifarlab.runs import RESULT_FILE, read_run
 from cifarlab.studies import stats
-from cifarlab.studies.spec import parse_study
+from cifarlab.studies.spec import VARIANT, Study, parse_study
 from cifarlab.studies.sweep import JOURNAL_FILE, STUDY_FILE, open_study
 
 SUMMARY_FILE = "study.md"
+SUMMARY_HTML = "study.html"
+ABLATION_PNG = "ablation.png"
+BASELINE = "baseline"  # the variant an ablation compares every other one with
+NONE = "-"
 
 
 @dataclass
@@ -28,15 +47,21 @@ class Point:
     test: list[float]
 
     @property
+    def variant(self) -> str | None:
+        return self.params.get(VARIANT)
+
+    @property
     def label(self) -> str:
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in self.params.items()) or "(settings)"
+        parts = [str(self.variant)] if self.variant is not None else []
+        parts += [f"{k}={_fmt(v)}" for k, v in self.params.items() if k != VARIANT]
+        return ", ".join(parts) or "(settings)"
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else cfg._show(value)
 
 
-def load(folder: Path) -> tuple[Any, Any]:
+def load(folder: Path) -> tuple[Study, Any]:
     """The study spec and its Optuna study, or a one-line error."""
     stored = folder / STUDY_FILE
     if not stored.is_file() or not (folder / JOURNAL_FILE).is_file():
@@ -46,18 +71,24 @@ def load(folder: Path) -> tuple[Any, Any]:
     return study, open_study(folder, study, create=False)
 
 
-def points(folder: Path, study: Any, optuna_study: Any) -> tuple[list[Point], dict[str, int]]:
-    """Finished trials grouped by point (in the order first seen); counts of trials by state."""
+def is_ablation(study: Study) -> bool:
+    return BASELINE in study.variants and not study.space
+
+
+def points(folder: Path, study: Study, optuna_study: Any) -> tuple[list[Point], dict[str, int]]:
+    """Finished trials grouped by point (in the order first seen); counts of trials by state.
+    Test accuracies are those of the runs that have one (none without a test split)."""
     grouped: dict[str, Point] = {}
     seen_runs: set[str] = set()
     states: dict[str, int] = {}
+    axes = study.axes()
     for t in optuna_study.get_trials(deepcopy=False):
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
         run = t.user_attrs.get("run")
         if t.state.name != "COMPLETE" or run is None or run in seen_runs:
             continue
         seen_runs.add(run)
-        params = {k: t.params[k] for k in study.space if k in t.params}
+        params = {k: t.params[k] for k in axes if k in t.params}
         key = repr(sorted(params.items()))
         point = grouped.setdefault(key, Point(params, [], [], []))
         point.runs.append(run)
@@ -71,88 +102,326 @@ def points(folder: Path, study: Any, optuna_study: Any) -> tuple[list[Point], di
 
 def _ci(summary: stats.Summary) -> str:
     if summary.ci_low is None:
-        return "-"
+        return NONE
     return f"[{summary.ci_low:.2f}, {summary.ci_high:.2f}]"
 
 
 def _sd(summary: stats.Summary) -> str:
-    return "-" if summary.sd is None else f"{summary.sd:.2f}"
+    return NONE if summary.sd is None else f"{summary.sd:.2f}"
 
 
-def markdown(folder: Path, study: Any, found: list[Point], states: dict[str, int]) -> str:
-    lines = [f"# Study {folder.name}", "",
-             f"Sampler {study.sampler}, pruner {study.pruner}, {study.seeds} seed(s) per point, "
-             f"budget {study.budget()} trials; trials by state: "
-             + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none") + ".", ""]
-    if not found:
-        return "\n".join([*lines, "No finished trials yet.", ""])
+def _p(value: float | None) -> str:
+    return NONE if value is None else f"{value:.3g}"
+
+
+def _described(values: list[float]) -> list[str]:
+    """n, mean, sd and 95 % CI of some accuracies (dashes for none)."""
+    if not values:
+        return ["0", NONE, NONE, NONE]
+    s = stats.summarize(values)
+    return [str(s.n), f"{s.mean:.2f}", _sd(s), _ci(s)]
+
+
+# ------------------------------------------------------------------------------ any study
+
+def points_blocks(found: list[Point]) -> list[Block]:
+    """Every point ranked by mean validation accuracy, with Welch's p against the best."""
     ranked = sorted(found, key=lambda p: -stats.mean(p.val))
     best = ranked[0]
     any_test = any(p.test for p in found)
     header = ["point", "n", "val mean", "val sd", "val 95% CI", "p vs best"]
     if any_test:
-        header += ["test mean", "test sd", "test 95% CI"]
-    lines += ["Accuracy in percent: the best validation accuracy of each run, and the test "
-              "accuracy of its best checkpoint. p: Welch's t-test of the point's validation "
-              "accuracy against the best point's.", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        header += ["test n", "test mean", "test sd", "test 95% CI"]
+    rows = []
     for p in ranked:
-        v = stats.summarize(p.val)
         pv = None if p is best else stats.welch_p(p.val, best.val)
-        row = [p.label, str(v.n), f"{v.mean:.2f}", _sd(v), _ci(v),
-               "-" if pv is None else f"{pv:.3g}"]
+        row = [p.label, *_described(p.val), _p(pv)]
         if any_test:
-            if p.test:
-                t = stats.summarize(p.test)
-                row += [f"{t.mean:.2f}", _sd(t), _ci(t)]
-            else:
-                row += ["-", "-", "-"]
-        lines.append("| " + " | ".join(row) + " |")
+            row += _described(p.test)
+        rows.append(row)
     b = stats.summarize(best.val)
-    lines += ["", f"Best point by mean validation accuracy: {best.label} "
-              f"({b.mean:.2f} % over {b.n} seed(s)).", ""]
-    return "\n".join(lines)
+    text = ("Accuracy in percent: the best validation accuracy of each run, and the test "
+            "accuracy of its best checkpoint. p: Welch's t-test of the point's validation "
+            "accuracy against the best point's. Points are ranked, and the best one chosen, "
+            "by mean validation accuracy only.")
+    if not any_test:
+        text += " No run has a test accuracy (no test split, data.test_source)."
+    return [Text(text), Table(header, rows, "lrrrrr" + "rrrr"),
+            Text(f"Best point by mean validation accuracy: {best.label} "
+                 f"({b.mean:.2f} % over {b.n} seed(s)); its runs: {', '.join(best.runs)}.")]
 
 
-def figures(folder: Path, study: Any, optuna_study: Any) -> list[str]:
-    """Optuna's optimisation history and parameter importances as PNGs; notes on those
-    that could not be drawn."""
+def by_setting_blocks(study: Study, found: list[Point]) -> list[Block]:
+    """For a study of two axes or more: the runs grouped by each listed axis's value alone
+    (every other axis pooled), ranked by mean validation accuracy."""
+    axes = study.axes()
+    if len(axes) < 2:
+        return []
+    any_test = any(p.test for p in found)
+    blocks: list[Block] = [Text("Each listed axis alone: the runs grouped by its value, all "
+                                "other axes pooled (a range is left out).")]
+    for key, axis in axes.items():
+        if not isinstance(axis, list):
+            continue
+        groups: dict[str, tuple[list[float], list[float]]] = {}
+        for p in found:
+            val, test = groups.setdefault(_fmt(p.params[key]), ([], []))
+            val.extend(p.val)
+            test.extend(p.test)
+        ranked = sorted(groups.items(), key=lambda g: -stats.mean(g[1][0]))
+        header = [key, "n", "val mean", "val sd", "val 95% CI"]
+        header += ["test n", "test mean", "test sd", "test 95% CI"] if any_test else []
+        rows = [[value, *_described(val), *(_described(test) if any_test else [])]
+                for value, (val, test) in ranked]
+        blocks.append(Table(header, rows, "lrrrr" + "rrrr"))
+    return blocks
+
+
+# ------------------------------------------------------------------------------ ablation
+
+@dataclass
+class Comparison:
+    """One variant against the baseline on one measure: the difference of the means in
+    points (None when either has no value), Welch's p and Holm's adjusted p."""
+
+    diff: float | None
+    p: float | None
+    holm: float | None
+
+
+def compare(found: list[Point], measure: Callable[[Point], list[float]]) -> list[Comparison]:
+    """Each point against the baseline (the baseline against itself: no test), Holm over
+    the family of the variants' comparisons."""
+    base = next(p for p in found if p.variant == BASELINE)
+    diffs, ps = [], []
+    for p in found:
+        a, b = measure(p), measure(base)
+        diffs.append(stats.mean(a) - stats.mean(b) if p is not base and a and b else None)
+        ps.append(None if p is base else stats.welch_p(a, b))
+    return [Comparison(d, p, h) for d, p, h in zip(diffs, ps, stats.holm(ps), strict=True)]
+
+
+def ablation_table(found: list[Point], measure: Callable[[Point], list[float]]) -> Table:
+    rows = []
+    for p, c in zip(found, compare(found, measure), strict=True):
+        diff = NONE if c.diff is None else f"{c.diff:+.2f}"
+        rows.append([str(p.variant), *_described(measure(p)), diff, _p(c.p), _p(c.holm)])
+    return Table(["variant", "n", "mean", "sd", "95% CI", "vs baseline", "Welch p", "Holm p"],
+                 rows, "lrrrrrrr")
+
+
+def ablation_blocks(study: Study, found: list[Point]) -> tuple[list[Block], bytes | None]:
+    """The ablation's tables and text, and its bar chart (None without a baseline run)."""
+    order = {name: i for i, name in enumerate(study.variants)}
+    found = sorted(found, key=lambda p: order.get(str(p.variant), len(order)))
+    missing = [name for name in study.variants if name not in {p.variant for p in found}]
+    if all(p.variant != BASELINE for p in found):
+        return [Text("No finished run of the baseline yet: nothing to compare with.")], None
+    best = max(found, key=lambda p: stats.mean(p.val))
+    b = stats.summarize(best.val)
+    blocks: list[Block] = [
+        Text("Accuracy in percent over the seeds of each variant: mean, sample standard "
+             "deviation and the 95 % confidence interval of the mean (Student's t). "
+             "vs baseline: the variant's mean minus the baseline's, in points; Welch p: "
+             "Welch's t-test of the two; Holm p: that p adjusted by Holm's method over the "
+             "family of all variants' comparisons with the baseline (a difference is "
+             "significant at 5 % when Holm p < 0.05; a comparison without spread in either "
+             "variant has no p and is left out of the family)."),
+        Text("Best validation accuracy of each run (selection):"),
+        ablation_table(found, lambda p: p.val),
+        Text(f"Best variant by mean validation accuracy: {best.variant} ({b.mean:.2f} % over "
+             f"{b.n} seed(s)). Variants are chosen on validation accuracy only."),
+    ]
+    if any(p.test for p in found):
+        blocks += [Text("Test accuracy of each run's best checkpoint (reported, never chosen "
+                        "on):"), ablation_table(found, lambda p: p.test)]
+    else:
+        blocks.append(Text("No test accuracy: the runs had no test split (data.test_source); "
+                           "validation accuracy alone is reported."))
+    if missing:
+        blocks.append(Text(f"No finished run yet of: {', '.join(missing)}."))
+    from cifarlab.plots import figure_bytes
+
+    figure = ablation_figure(found)
+    png = figure_bytes(figure)
+    _close(figure)
+    blocks.append(Image(ABLATION_PNG, "Accuracy by variant",
+                        "Mean accuracy of each variant over its seeds; the error bars span the "
+                        "95 % confidence interval of the mean (none for a single seed); the "
+                        "dashed line is the baseline's mean validation accuracy."))
+    return blocks, png
+
+
+def ablation_figure(found: list[Point]) -> Any:
+    """Bars of mean validation (and test) accuracy per variant, 95 % CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    measures = [("validation", lambda p: p.val, "#4c72b0")]
+    if any(p.test for p in found):
+        measures.append(("test", lambda p: p.test, "#dd8452"))
+    figure = Figure(figsize=(max(5.0, 1.1 * len(found) + 2), 4.0), layout="constrained")
+    ax = figure.add_subplot()
+    width = 0.8 / len(measures)
+    for j, (name, measure, colour) in enumerate(measures):
+        xs, means, errors = [], [], [[], []]
+        for i, p in enumerate(found):
+            values = measure(p)
+            if not values:
+                continue
+            s = stats.summarize(values)
+            xs.append(i + (j - (len(measures) - 1) / 2) * width)
+            means.append(s.mean)
+            errors[0].append(0.0 if s.ci_low is None else s.mean - s.ci_low)
+            errors[1].append(0.0 if s.ci_high is None else s.ci_high - s.mean)
+        ax.bar(xs, means, width, yerr=errors, capsize=4, color=colour, label=name)
+    base = next(p for p in found if p.variant == BASELINE)
+    ax.axhline(stats.mean(base.val), color="#333333", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(found)), [str(p.variant) for p in found], rotation=20)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Ablation: mean over seeds, 95 % confidence intervals")
+    ax.legend(loc="lower right")
+    return figure
+
+
+def _close(figure: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+# ------------------------------------------------------------------------------ figures
+
+def optuna_figures(study: Study, optuna_study: Any) -> tuple[dict[str, bytes], list[str]]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as
+    PNG bytes by file name; a note on each that could not be drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
+    from cifarlab.plots import figure_bytes
+
     notes = []
-    params = list(study.space)
+    params = list(study.axes())
     wanted = [("optimization_history.png", lambda: ovm.plot_optimization_history(optuna_study))]
     if len(params) >= 2:
         wanted.append(("param_importances.png",
                        lambda: ovm.plot_param_importances(optuna_study, params=params)))
     else:
         notes.append("param_importances.png: skipped (needs two or more parameters)")
+    if params:
+        wanted.append(("parallel_coordinate.png",
+                       lambda: ovm.plot_parallel_coordinate(optuna_study, params=params)))
+    else:
+        notes.append("parallel_coordinate.png: skipped (the study varies no parameter)")
+    figures: dict[str, bytes] = {}
     for name, draw in wanted:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = draw()
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            figure.savefig(folder / name, dpi=100, bbox_inches="tight")
-            plt.close(figure)
-            notes.append(f"wrote {folder / name}")
+                figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+                figures[name] = figure_bytes(figure)
         except Exception as e:  # optuna refuses too few trials, or constant values
-            plt.close("all")
             first = (str(e).splitlines() or [type(e).__name__])[0]
             notes.append(f"{name}: skipped ({first})")
-    return notes
+        finally:
+            plt.close("all")
+    return figures, notes
+
+
+FIGURE_CAPTIONS = {
+    "optimization_history.png": ("Optimisation history",
+                                 "Optuna's optimisation history: each trial's best validation "
+                                 "accuracy, and the best so far."),
+    "param_importances.png": ("Parameter importances",
+                              "Optuna's parameter importances (fANOVA) for the best "
+                              "validation accuracy."),
+    "parallel_coordinate.png": ("Parallel coordinates",
+                                "Optuna's parallel coordinates: each trial's parameters and "
+                                "best validation accuracy."),
+}
+
+
+# ------------------------------------------------------------------------------ the summary
+
+def build_document(folder: Path, study: Study, found: list[Point], states: dict[str, int],
+                   figures: list[str], notes: list[str],
+                   ablation: list[Block] | None = None) -> Document:
+    """The summary; `figures`: Optuna's figures drawn, `ablation`: the ablation's blocks
+    (an ablation study), shown instead of the table of points."""
+    seeds = f"{study.seeds} seed(s) per point"
+    if study.variants:
+        seeds += f", variants {', '.join(study.variants)}"
+    intro: list[Block] = [Text(
+        f"Sampler {study.sampler}, pruner {study.pruner}, {seeds}, budget {study.budget()} "
+        "trials; trials by state: "
+        + (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none") + ".")]
+    sections: list[Section] = []
+    if not found:
+        intro.append(Text("No finished trials yet."))
+    elif ablation is not None:
+        sections.append(Section("Ablation", ablation))
+    else:
+        sections.append(Section("Results by point", points_blocks(found)))
+        grouped = by_setting_blocks(study, found)
+        if grouped:
+            sections.append(Section("Results by setting", grouped))
+    if figures or notes:
+        images: list[Block] = [Image(name, *FIGURE_CAPTIONS[name]) for name in figures]
+        skipped = [n for n in notes if ": skipped" in n]
+        if skipped:
+            images.append(Text("Not drawn: " + "; ".join(skipped) + "."))
+        sections.append(Section("Figures", images))
+    sections.append(Section("Study", [
+        Text(f"The study file as stored in the study folder ({STUDY_FILE}); continue it with "
+             f"`cifarlab sweep {folder / STUDY_FILE} --out {folder}`."),
+        _study_code(study)]))
+    footer = (f"Written by cifarlab {__version__} on {time.strftime('%Y-%m-%d %H:%M')} from "
+              f"the study folder {folder}.")
+    return Document(f"Study {folder.name}", intro, sections, footer)
+
+
+def _study_code(study: Study) -> Block:
+    import yaml
+
+    from cifarlab.report import Code
+
+    return Code(yaml.safe_dump(study.to_dict(), sort_keys=False).rstrip())
 
 
 def summarize_study(folder: str | Path) -> tuple[str, list[str]]:
-    """Write STUDY_DIR/study.md and the figures; return the Markdown and the notes."""
+    """Write STUDY_DIR/study.md, study.html and the figures; return the Markdown and notes."""
     folder = Path(folder)
     study, optuna_study = load(folder)
     found, states = points(folder, study, optuna_study)
-    text = markdown(folder, study, found, states)
-    (folder / SUMMARY_FILE).write_text(text)
-    notes = figures(folder, study, optuna_study) if found else []
+    figures: dict[str, bytes] = {}
+    notes: list[str] = []
+    ablation, drawn = None, []
+    if found:
+        figures, notes = optuna_figures(study, optuna_study)
+        drawn = list(figures)
+        if is_ablation(study):
+            ablation, png = ablation_blocks(study, found)
+            if png is not None:
+                figures[ABLATION_PNG] = png
+    document = build_document(folder, study, found, states, drawn, notes,
+                              ablation)
+    text = to_markdown(document)
+    outputs = {**figures, SUMMARY_FILE: text.encode(),
+               SUMMARY_HTML: to_html(document, figures).encode()}
+    for name, content in outputs.items():
+        path = folder / name
+        try:
+            checkpoint.write_atomic(path, lambda f, content=content: f.write(content))
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or make "
+                            f"the folder writable, then run: cifarlab study {folder}") from None
+        if name != SUMMARY_FILE and name != SUMMARY_HTML:
+            notes.append(f"wrote {path}")
+    notes.append(f"wrote {folder / SUMMARY_HTML}")
     return text, notes

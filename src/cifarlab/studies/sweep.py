@@ -25,7 +25,7 @@ from typing import Any
 from cifarlab import config as cfg
 from cifarlab.errors import TrainingFailed, UserError
 from cifarlab.runs import METRICS_FILE, RESULT_FILE, read_run
-from cifarlab.studies.spec import Range, Study, load_study, parse_study
+from cifarlab.studies.spec import VARIANT, Range, Study, load_study, parse_study
 
 log = logging.getLogger("cifarlab")
 
@@ -36,8 +36,11 @@ MAX_NAME = 200  # bytes of a run folder name, a hash suffix beyond
 
 
 def run_name(params: dict[str, Any], seed: int) -> str:
-    """`optim.label_smoothing=0.1,optim.lr=0.0631,seed=2`, made one safe folder name."""
-    parts = [f"{k}={_short(v)}" for k, v in sorted(params.items())] + [f"seed={seed}"]
+    """`optim.label_smoothing=0.1,optim.lr=0.0631,seed=2`, made one safe folder name; a
+    variant's name comes first: `augment,optim.lr=0.0631,seed=2`."""
+    variant = [str(params[VARIANT])] if VARIANT in params else []
+    parts = variant + [f"{k}={_short(v)}" for k, v in sorted(params.items()) if k != VARIANT]
+    parts += [f"seed={seed}"]
     name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
     if len(name) > MAX_NAME:
         digest = hashlib.sha1(name.encode()).hexdigest()[:10]
@@ -80,7 +83,7 @@ def make_sampler(study: Study, n_before: int) -> Any:
     import optuna
 
     if study.sampler == "grid":
-        space: dict[str, list[Any]] = {k: list(v) for k, v in study.space.items()}
+        space: dict[str, list[Any]] = {k: list(v) for k, v in study.axes().items()}
         space["seed"] = list(range(study.seeds))
         return optuna.samplers.GridSampler(space, seed=0)
     if study.sampler == "random":
@@ -179,7 +182,7 @@ class Objective:
 
     def suggest(self, trial: Any) -> tuple[dict[str, Any], int]:
         params: dict[str, Any] = {}
-        for key, axis in self.study.space.items():
+        for key, axis in self.study.axes().items():
             if isinstance(axis, Range):
                 if axis.integer:
                     params[key] = trial.suggest_int(key, int(axis.low), int(axis.high),
