@@ -155,7 +155,13 @@ def test_students_of_two_families_distil_from_a_resnet(trained_run, tmp_path, mo
     assert "| distilled from | " in (run_dir / "report.md").read_text()
     assert hashlib.sha256(teacher_file.read_bytes()).hexdigest() == sha  # left as it was
 
-    # alpha 0: the teacher is consulted but weighs nothing, so the run is the plain run
+
+def test_alpha_0_trains_as_the_plain_run_and_alpha_above_0_does_not(trained_run, tmp_path):
+    """With alpha 0 the teacher runs on every batch but weighs nothing: the run is the
+    plain run, metric for metric."""
+    args = [*STUDENT, "--model", "resnet20", "--out", str(tmp_path), "--teacher",
+            str(trained_run)]
+    assert main([*args, "--name", "kd"]) == 0
     assert main([*args, "--name", "alpha0", "--set", "distill.alpha=0"]) == 0
     assert main([*args[:-2], "--name", "plain"]) == 0
     plain, alpha0, kd = ((tmp_path / n / "metrics.csv").read_text().splitlines()
