@@ -156,11 +156,13 @@ def test_students_of_two_families_distil_from_a_resnet(trained_run, tmp_path, mo
     assert hashlib.sha256(teacher_file.read_bytes()).hexdigest() == sha  # left as it was
 
 
-def test_alpha_0_trains_as_the_plain_run_and_alpha_above_0_does_not(trained_run, tmp_path):
+@pytest.mark.parametrize("loader", ["torchvision", "resident"])
+def test_alpha_0_trains_as_the_plain_run_and_alpha_above_0_does_not(trained_run, tmp_path,
+                                                                    loader):
     """With alpha 0 the teacher runs on every batch but weighs nothing: the run is the
-    plain run, metric for metric."""
-    args = [*STUDENT, "--model", "resnet20", "--out", str(tmp_path), "--teacher",
-            str(trained_run)]
+    plain run, metric for metric, with either loader."""
+    args = [*STUDENT, "--model", "resnet20", "--loader", loader, "--out", str(tmp_path),
+            "--teacher", str(trained_run)]
     assert main([*args, "--name", "kd"]) == 0
     assert main([*args, "--name", "alpha0", "--set", "distill.alpha=0"]) == 0
     assert main([*args[:-2], "--name", "plain"]) == 0
@@ -251,3 +253,18 @@ def test_resume_refuses_a_changed_teacher_unless_allowed(trained_run, tmp_path, 
     assert not (run_dir / "result.json").exists()
     assert main(["train", "--resume", str(run_dir), "--allow-changes"]) == 0
     assert _result(run_dir)["epochs_run"] == 2
+
+
+def test_a_compiled_student_learns_from_an_eager_teacher(trained_run, tmp_path, eager_compile):
+    torch._dynamo.reset()
+    args = [*STUDENT, "--loader", "torchvision", "--out", str(tmp_path), "--teacher",
+            str(trained_run)]
+    assert main([*args, "--name", "eager"]) == 0
+    assert main([*args, "--name", "compiled", "--compile", "default"]) == 0
+    assert len(eager_compile) == 1  # the student's model alone; the teacher stays eager
+    rows = [(tmp_path / n / "metrics.csv").read_text().splitlines()[1:]
+            for n in ("eager", "compiled")]
+    for row_a, row_b in zip(*rows, strict=True):
+        assert float(row_b.split(",")[2]) == pytest.approx(float(row_a.split(",")[2]), rel=1e-3)
+    saved = checkpoint.load(tmp_path / "compiled" / "best.pt")["model"]
+    assert set(saved) == set(create_model(**model_args("resnet18", 10, 4)).state_dict())
