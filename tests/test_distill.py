@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_TRAIN
+from test_step import SyncOps, step_parts
 from torch import nn
 
 from cifarlab import checkpoint
@@ -128,6 +129,20 @@ def test_the_teacher_is_frozen_and_sees_the_students_batch_under_the_same_autoca
     assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
     assert all(p.grad is None for p in teacher.model.parameters())
     assert not teacher.model.training
+
+
+def test_distillation_steps_never_synchronise(trained_run, student_splits):
+    """The teacher's forward and the loss add nothing that makes a GPU's host wait."""
+    teacher = load_teacher(str(trained_run), student_splits, {}, torch.device("cpu"))
+    train_step = step_parts(fused=True)
+    train_step.criterion = DistillLoss(SoftTargetCrossEntropy(), 4.0, 0.9)
+    train_step.teacher = teacher.model
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 10
+    with SyncOps() as mode:
+        for _ in range(2):
+            train_step(x, soft_targets(y, 10, 0.1))
+    assert mode.seen == []
 
 
 def _result(run_dir: Path) -> dict:
