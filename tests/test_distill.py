@@ -238,6 +238,10 @@ def test_a_missing_or_foreign_teacher_is_refused(tmp_path, capsys):
     text.write_text("hello")
     err = _refused([*STUDENT, *out, "--teacher", str(text)], tmp_path, capsys)
     assert "not a checkpoint (text file)" in err
+    empty = tmp_path / "unfinished"
+    empty.mkdir()
+    err = _refused([*STUDENT, *out, "--teacher", str(empty)], tmp_path, capsys)
+    assert f"--teacher {empty}: checkpoint {empty}: a folder without best.pt" in err
 
 
 def test_resume_refuses_a_changed_teacher_unless_allowed(trained_run, tmp_path, capsys):

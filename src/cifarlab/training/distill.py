@@ -35,8 +35,8 @@ from cifarlab.data.splits import Splits
 from cifarlab.errors import UserError
 from cifarlab.step import memory_format
 
-# Measured means and stds of the same split agree to float rounding; another split of the
-# same images moves them by far more (about 1e-3 for CIFAR-10's 45,000 training images).
+# The mean and std measured on the same split agree to float rounding; those of another
+# subset or split of the same images differ by far more.
 NORMALISATION_TOLERANCE = 1e-5
 # The data settings that decide the training split, hence the normalisation.
 SPLIT_SETTINGS = ("source", "limit", "val_fraction", "split_seed", "label_set", "resize")
@@ -98,8 +98,8 @@ def load_teacher(given: str, splits: Splits, data_settings: dict[str, Any],
     `data_settings` are the student's config.data, named in the message when they differ
     from the teacher's. UserError otherwise, before anything is written."""
     where = f"--teacher {given}"
-    path = checkpoint.in_run_folder(given)
     try:
+        path = checkpoint.in_run_folder(given)
         ckpt = checkpoint.load(path)
         model = checkpoint.build_model(ckpt, path)
     except UserError as e:
