@@ -625,7 +625,8 @@ def _train(
     log.info(describe_run(config, splits, model, device, amp_dtype, world, run_dir))
     if teacher is not None:
         teacher.split_val_acc = evaluate(teacher.model, splits.val, splits.mean, splits.std,
-                                         device, amp_dtype=amp_dtype, world=world).acc
+                                         device, amp_dtype=amp_dtype, world=world,
+                                         flip=config.tta_flip).acc  # scored as the student
         log.info(describe(teacher))
     # The best checkpoint is chosen on, and holds, the model's weights or the EMA's.
     select = "ema" if config.ema.select == "ema" else "model"
