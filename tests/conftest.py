@@ -1,5 +1,6 @@
-"""A run folder really trained by `cifarlab train`, shared by the tests of reports and
-prediction (tests/fake_runs.py writes made-up ones)."""
+"""A run folder really trained by `cifarlab train`, shared by the tests of reports,
+prediction and distillation (tests/fake_runs.py writes made-up ones); torch.compile made
+quick for the tests of compiled training."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifarlab.cli import main
 
@@ -26,3 +28,18 @@ def trained_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     assert main([*TINY_TRAIN, "--out", str(out), "--name", "tiny"]) == 0
     return out / "tiny"
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with the aot_eager backend: the same tracing and autograd graphs as
+    inductor, without generating kernels (seconds instead of minutes on a CPU)."""
+    calls = []
+    real = torch.compile
+
+    def compile_eager(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, dynamic=kwargs["dynamic"], backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    return calls

@@ -81,6 +81,9 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "ema.enabled": ([], ["true", "false"]),
     "ema.decay": (["-0.1", "1", "2"], ["0", "0.9999"]),
     "ema.select": (["best", "EMA", '""'], ["model"]),  # ema: with ema.enabled, below
+    "distill.teacher": (['" runs/teacher"', '"best.pt "'], ['""', "runs/teacher/best.pt"]),
+    "distill.temperature": (["0", "-1", "101"], ["0.01", "1", "100"]),
+    "distill.alpha": (["-0.1", "1.5"], ["0", "1"]),
     "epochs": (["0", "-1", "1000001"], ["1", "1000000"]),
     "batch_size": (["0", "-1", "1000001"], ["1", "1000000"]),
     "tta_flip": ([], ["true", "false"]),

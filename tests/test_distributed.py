@@ -153,3 +153,21 @@ def test_rank_weight_check_detects_a_difference(tmp_path, differ):
     results = mp.Manager().dict()
     mp.spawn(_check_ranks, args=(str(tmp_path / "init"), differ, results), nprocs=2)
     assert dict(results) == {0: not differ, 1: not differ}
+
+
+def test_each_rank_distils_from_its_own_teacher(trained_run, tmp_path):
+    """The teacher of conftest's tiny run (same data): loaded and checked on each rank, not
+    wrapped in DDP; the ranks end with the same weights (finish checks) and rank 0 names it."""
+    code, _, err = run("train", "--data", "synthetic:300", "--epochs", "1", "--workers", "0",
+                       "--set", "model.width=4", "--batch-size", "64", "--device", "cpu",
+                       "--teacher", str(trained_run), "--gpus", "2", "--out", str(tmp_path),
+                       "--name", "kd")
+    assert code == 0, err[-3000:]
+    result = json.loads((tmp_path / "kd" / "result.json").read_text())
+    own = checkpoint.load(trained_run / "best.pt")
+    assert result["world_size"] == 2 and result["teacher"]["run_id"] == own["run_id"]
+    # scored over both ranks' halves of the validation split: the whole split, as alone
+    assert result["teacher"]["val_acc_on_student_split"] == pytest.approx(own["val_acc"])
+    assert (tmp_path / "kd" / "train.log").read_text().count("teacher ") == 1
+    weights = checkpoint.load(tmp_path / "kd" / "last.pt")["model"]
+    assert not any(k.startswith(("module.", "teacher")) for k in weights)

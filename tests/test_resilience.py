@@ -156,6 +156,30 @@ def test_sigterm_mid_epoch_with_ema_and_mixing_then_resume_is_exact(recipe_refer
     assert json.loads((run_dir / "result.json").read_text())["selected"] == "ema"
 
 
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """The arguments of a run distilled from a tiny teacher of the same data, and its
+    uninterrupted reference."""
+    out = tmp_path_factory.mktemp("distilled")
+    code = main([*TRAIN[:TRAIN.index("--epochs")], "--epochs", "1", "--workers", "0",
+                 "--set", "model.width=4", "--out", str(out), "--name", "teacher"])
+    assert code == 0
+    args = [*TRAIN, "--teacher", str(out / "teacher")]
+    return args, uninterrupted(out, args)
+
+
+def test_sigterm_mid_epoch_of_a_distilled_run_then_resume_is_exact(distilled, tmp_path):
+    args, reference = distilled
+    returncode, err, run_dir = signalled_mid_epoch(tmp_path, args, signal.SIGTERM)
+    assert returncode == 143, err
+    stopped = checkpoint.load(run_dir / "last.pt")["train_state"]
+    assert stopped["position"] != [1, 0] and stopped["teacher"]["model"] == "resnet18"
+    returncode, out, err = finish(cifarlab("train", "--resume", str(run_dir)))
+    assert returncode == 0, err
+    assert "teacher" in out
+    assert_same_run(reference, run_dir)
+
+
 def test_second_signal_exits_at_once(tmp_path):
     script = (
         "import os, signal, time\n"

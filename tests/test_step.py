@@ -172,21 +172,6 @@ def test_step_flags_are_read_lag_steps_later():
     assert [f.loss_not_finite for f in flags.drain()] == [True, False, False, False]
 
 
-@pytest.fixture
-def eager_compile(monkeypatch):
-    """torch.compile with the aot_eager backend: the same tracing and autograd graphs as
-    inductor, without generating kernels (seconds instead of minutes on a CPU)."""
-    calls = []
-    real = torch.compile
-
-    def compile_eager(model, **kwargs):
-        calls.append(kwargs)
-        return real(model, dynamic=kwargs["dynamic"], backend="aot_eager")
-
-    monkeypatch.setattr(torch, "compile", compile_eager)
-    return calls
-
-
 def tiny(tmp_path, name, **changes):
     settings = {"data": {"source": "synthetic:200", "loader": "resident"}, "epochs": 2,
                 "batch_size": 64, "model": {"width": 4}, "optim": {"warmup_epochs": 1},

@@ -2,6 +2,7 @@
 
     cifarlab train     [--preset NAME] [--config FILE] [--set KEY=VALUE ...] [flags]
     cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
+    cifarlab train     --teacher CHECKPOINT|RUN_DIR [...]   (knowledge distillation)
     cifarlab evaluate  CHECKPOINT|RUN_DIR|MODEL.onnx --data SPEC [--json]
     cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
     cifarlab models    [--classes N] [--width W] [--json]
@@ -47,6 +48,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
                "(data set on the device, augmented per batch there)"),
     "workers": ("data.workers", int, "DataLoader worker processes (-1: automatic)"),
     "model": ("model.name", str, "architecture (default resnet18); cifarlab models lists them"),
+    "teacher": ("distill.teacher", str, "distil from this checkpoint or run folder (its "
+                "best.pt): same classes and data as the student"),
     "epochs": ("epochs", int, "maximum number of epochs"),
     "batch_size": ("batch_size", int, "images per optimizer step"),
     "lr": ("optim.lr", float, "peak learning rate"),
@@ -349,6 +352,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if args.resume and config.distill.teacher and not args.allow_changes:
+        from cifarlab.training.distill import check_same_teacher
+
+        check_same_teacher(args.resume, config.distill.teacher)
     if args.gpus is not None:
         launch_torchrun(args, config, args.argv)
     fit(config, resume=args.resume)

@@ -125,6 +125,16 @@ class EmaConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained teacher (training/distill.py); off while
+    `teacher` is empty."""
+
+    teacher: str = ""  # a checkpoint, or a run folder (its best.pt); "": no distillation
+    temperature: float = 4.0  # softens both networks' outputs: softmax(logits / T)
+    alpha: float = 0.9  # weight of the teacher's term; 1 - alpha: the run's own loss
+
+
+@dataclass
 class Config:
     preset: str = "seed"
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +142,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     epochs: int = 100
     batch_size: int = 256
     # Validation and test (and `evaluate`, `predict` of its checkpoints) score each image by
@@ -269,6 +280,7 @@ def apply_dict(config: Config, updates: dict[str, Any]) -> Config:
     config.optim = dataclasses.replace(config.optim)
     config.mix = dataclasses.replace(config.mix)
     config.ema = dataclasses.replace(config.ema)
+    config.distill = dataclasses.replace(config.distill)
     _merge(config, updates)
     return config
 
@@ -564,6 +576,10 @@ RULES: dict[str, Rule] = {
     "ema.enabled": ANY,
     "ema.decay": number(0, 1, hi_open=True, what="a decay per step"),
     "ema.select": choice(EMA_SELECT),
+    "distill.teacher": Rule("a checkpoint or run folder (empty: no distillation), without "
+                            "surrounding spaces", lambda v: v.strip() == v, lambda v, d: v.strip()),
+    "distill.temperature": number(0, 100, lo_open=True, what="a temperature"),
+    "distill.alpha": number(0, 1, what="a weight"),
     "epochs": integer(1, MAX_COUNT),
     "batch_size": integer(1, MAX_COUNT),
     "tta_flip": ANY,

@@ -259,9 +259,24 @@ def _results_table(run: Run, data: dict[str, Any]) -> Table:
     if run.config.tta_flip:
         rows.append(["scoring", "each validation and test image by the mean logits of it and "
                                 "its mirror image (tta_flip)"])
+    teacher = run.result.get("teacher") if run.result is not None else None
+    if teacher:
+        rows.append(["distilled from", _teacher_text(teacher, run.config.distill)])
     if run.result is not None:
         rows.append(["device", f"{run.result['device']}, torch {run.result['torch_version']}"])
     return Table(["", ""], rows)
+
+
+def _teacher_text(teacher: dict[str, Any], distill: Any) -> str:
+    """The teacher of a distilled run: its file, model and accuracies, and the loss's
+    settings."""
+    own = teacher.get("val_acc")
+    here = teacher.get("val_acc_on_student_split")
+    scores = [f"{own:.2f} % on its own validation split" if own is not None else None,
+              f"{here:.2f} % on this run's" if here is not None else None]
+    shown = "; ".join(s for s in scores if s)
+    return (f"{teacher['path']} ({teacher['model']}{'; ' + shown if shown else ''}), "
+            f"temperature {distill.temperature:g}, alpha {distill.alpha:g}")
 
 
 def _status(run: Run) -> str:

@@ -108,7 +108,10 @@ def check_compile(mode: str, device: torch.device) -> None:
 class TrainStep:
     """Forward, loss, backward, optimizer step and (with `ema`) the moving average's update
     on one batch; returns the detached loss and logits, still on the device. The targets are
-    labels, or target distributions with a soft-target criterion (training/mixing.py)."""
+    labels, or target distributions with a soft-target criterion (training/mixing.py).
+    With a `teacher` (frozen, training/distill.py) it sees the very batch the model sees,
+    under the same autocast but without gradients, and the criterion is called with
+    (logits, teacher's logits, targets)."""
 
     model: nn.Module  # the module that steps (DDP-wrapped and/or compiled)
     criterion: nn.Module
@@ -117,6 +120,7 @@ class TrainStep:
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per batch
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
     ema: ModelEma | None = None  # updated after every optimizer step
+    teacher: nn.Module | None = None  # never steps; not wrapped in DDP, not compiled
 
     def __post_init__(self) -> None:
         self.cpu_layout = memory_format("cpu", self.model)
@@ -128,7 +132,12 @@ class TrainStep:
         amp = self.amp_dtype is not None
         with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=amp):
             logits = self.model(x)
-            loss = self.criterion(logits, y)
+            if self.teacher is None:
+                loss = self.criterion(logits, y)
+            else:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+                loss = self.criterion(logits, teacher_logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         # With a fused optimizer (CUDA) the scaler skips an overflowing step on the device.

@@ -43,6 +43,7 @@ from cifarlab.models import create_model, model_args
 from cifarlab.report import write_report
 from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled, memory_format
 from cifarlab.training.board import Board, check_available
+from cifarlab.training.distill import DistillLoss, Teacher, describe, load_teacher
 from cifarlab.training.ema import ModelEma
 from cifarlab.training.mixing import build_mixer, no_mixing
 from cifarlab.training.optim import build_optimizer, schedule_of, set_hyperparameters
@@ -77,6 +78,7 @@ class FitResult:
     test_per_class_acc: list[float | None] | None  # None for a class without test images
     test_confusion: list[list[int]] | None  # rows: true class, columns: predicted
     data: dict[str, Any]  # image counts per split, measured per-channel mean and std
+    teacher: dict[str, Any] | None = None  # the distillation teacher (training/distill.py)
 
 
 @dataclass
@@ -395,6 +397,9 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     if state is not None and state["classes"] != splits.classes:
         raise UserError(f"--resume {run_dir}: the data's classes {splits.classes} differ from "
                         f"the run's {state['classes']}")
+    teacher = None  # checked against the data before anything is written
+    if config.distill.teacher:
+        teacher = load_teacher(config.distill.teacher, splits, asdict(config.data), device)
     # Before the model is built: a model too large for the memory is refused, not allocated.
     per_rank = -(-len(splits.train.labels) // world.size)
     memory.check_fits(config.model.name, len(splits.classes), config.model.width,
@@ -422,7 +427,7 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
                        f"--resume {run_dir}")
         with StopRequest(config.stop_grace, note=resume_note) as stop:
             result = _train(config, splits, model, device, amp_dtype, run_dir, state, stop,
-                            world, on_epoch)
+                            world, on_epoch, teacher)
             if world.is_main:
                 log.info(f"report: {write_report(run_dir)}")
         return result
@@ -448,6 +453,7 @@ class Parts:
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
     sampler: EpochBatchSampler | ResidentLoader  # positions the loader: set_epoch(epoch, step)
     layout: torch.memory_format  # of the model and its batches (step.memory_format)
+    teacher: Teacher | None = None  # distillation: frozen, seen by the step, never saved
 
 
 @dataclass
@@ -467,7 +473,8 @@ class Progress:
 
 
 def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.device,
-                amp_dtype: torch.dtype | None, world: World) -> Parts:
+                amp_dtype: torch.dtype | None, world: World, teacher: Teacher | None = None
+                ) -> Parts:
     if config.sync_batchnorm and world.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     layout = memory_format(device, model)  # on the CPU, NCHW where oneDNN would fail (step.py)
@@ -484,12 +491,15 @@ def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mixer, train_loss = build_mixer(config.mix, len(splits.classes),
                                     config.optim.label_smoothing, config.seed, world.rank)
+    if teacher is not None:
+        train_loss = DistillLoss(train_loss, config.distill.temperature, config.distill.alpha)
     ema = ModelEma(model, config.ema.decay) if config.ema.enabled else None
     step = TrainStep(compiled(train_model, config.compile, device), train_loss, optimizer,
-                     scaler, scheduler, amp_dtype, ema)
+                     scaler, scheduler, amp_dtype, ema,
+                     teacher.model if teacher is not None else None)
     return Parts(model, train_model, step,
                  nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
-                 mixer or no_mixing, ema, lr_at, loader, sampler, layout)
+                 mixer or no_mixing, ema, lr_at, loader, sampler, layout, teacher)
 
 
 def restore(parts: Parts, config: Config, state: dict[str, Any]) -> Progress:
@@ -527,6 +537,8 @@ def save_last(run_dir: Path, parts: Parts, progress: Progress, position: tuple[i
     }
     if parts.ema is not None:
         payload["train_state"]["ema"] = parts.ema.state_dict()
+    if parts.teacher is not None:  # who it is, so that --resume can check; not its weights
+        payload["train_state"]["teacher"] = parts.teacher.identity
     save(payload, run_dir / "last.pt")
 
 
@@ -601,15 +613,21 @@ def _train(
     stop: StopRequest,
     world: World,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    teacher: Teacher | None = None,
 ) -> FitResult:
     set_deterministic(config.deterministic)
-    parts = build_parts(config, splits, model, device, amp_dtype, world)
+    parts = build_parts(config, splits, model, device, amp_dtype, world, teacher)
     model, steps_per_epoch = parts.model, len(parts.loader)
     progress = Progress(EarlyStopping(config.patience))
     if state is not None:
         progress = restore(parts, config, state)
         log.info(f"resuming {run_dir} at epoch {progress.epoch}, step {progress.step}")
     log.info(describe_run(config, splits, model, device, amp_dtype, world, run_dir))
+    if teacher is not None:
+        teacher.split_val_acc = evaluate(teacher.model, splits.val, splits.mean, splits.std,
+                                         device, amp_dtype=amp_dtype, world=world,
+                                         flip=config.tta_flip).acc  # scored as the student
+        log.info(describe(teacher))
     # The best checkpoint is chosen on, and holds, the model's weights or the EMA's.
     select = "ema" if config.ema.select == "ema" else "model"
     select_key = "ema_val_acc" if select == "ema" else "val_acc"
@@ -674,7 +692,7 @@ def _train(
             break
 
     result = finish(config, splits, model, device, amp_dtype, run_dir, progress, epoch, select,
-                    world)
+                    world, teacher)
     if board is not None:
         board.finish(flat_settings(config), asdict(result))
         board.close()
@@ -690,20 +708,23 @@ def describe_run(config: Config, splits: Splits, model: nn.Module, device: torch
               if mix.mixup_alpha or mix.cutmix_alpha else "no mixup/CutMix")
     ema = f"EMA decay {config.ema.decay:g}" if config.ema.enabled else "no EMA"
     chosen = "EMA weights" if config.ema.select == "ema" else "model's weights"
+    kd = config.distill
+    distilled = (f", distilled from {kd.teacher} (T {kd.temperature:g}, alpha {kd.alpha:g})"
+                 if kd.teacher else "")
     return (
         f"run {run_dir}: {config.model.name} width {config.model.width} ({n_params:,} "
         f"parameters) on {world.size} x {device.type}, amp {amp_dtype or 'off'}; "
         f"{len(splits.train.labels):,} train / {len(splits.val.labels):,} val / "
         f"{len(splits.test.labels) if splits.test else 0:,} test images, "
         f"{len(splits.classes)} classes; {optim.name}{' nesterov' if optim.nesterov else ''} "
-        f"lr {optim.lr:g}, {optim.schedule} schedule, {mixing}, {ema}; the best checkpoint "
-        f"is chosen on the validation accuracy of the {chosen}"
+        f"lr {optim.lr:g}, {optim.schedule} schedule, {mixing}, {ema}{distilled}; the best "
+        f"checkpoint is chosen on the validation accuracy of the {chosen}"
     )
 
 
 def finish(config: Config, splits: Splits, model: nn.Module, device: torch.device,
            amp_dtype: torch.dtype | None, run_dir: Path, progress: Progress, epochs_run: int,
-           selected: str, world: World) -> FitResult:
+           selected: str, world: World, teacher: Teacher | None = None) -> FitResult:
     """Test best.pt, write result.json (rank 0) and return the result."""
     train_seconds = progress.seconds()
     if not distributed.same_on_all_ranks(list(model.state_dict().values())):
@@ -745,6 +766,7 @@ def finish(config: Config, splits: Splits, model: nn.Module, device: torch.devic
             "mean": list(splits.mean),
             "std": list(splits.std),
         },
+        teacher=teacher.summary() if teacher is not None else None,
     )
     if world.is_main:
         text = json.dumps(asdict(result), indent=2) + "\n"
