@@ -12,6 +12,9 @@
     cifarlab export    CHECKPOINT|RUN_DIR [-o FILE] [--format onnx|pt2|safetensors] [--data SPEC]
     cifarlab quantize  CHECKPOINT|RUN_DIR --data SPEC [-o FILE] [--calibration METHOD] [...]
     cifarlab bench     MODEL [MODEL ...] [--data SPEC] [--threads N] [--json] [-o FIGURE]
+    cifarlab prune     CHECKPOINT|RUN_DIR (--target-macs F | --target-params F | --ratio R)
+                       [--importance magnitude|taylor|bn-scale] [--steps K] [--round-to N]
+                       [train's flags: --data, --epochs, --set KEY=VALUE, ...]
     cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC]
     cifarlab study     STUDY_DIR
 
@@ -22,6 +25,7 @@ the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -76,17 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      parser_class=Parser)
 
     train = commands.add_parser("train", help="train a model; writes a run folder")
-    train.add_argument("--preset", choices=sorted(PRESETS), help="starting recipe (default seed)")
-    train.add_argument("--config", metavar="FILE", help="YAML file of settings")
-    train.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="any setting, e.g. --set model.width=16")
-    for flag, (key, kind, text) in TRAIN_FLAGS.items():
-        train.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{text} [{key}]")
-    train.add_argument("--deterministic", action="store_true", default=None,
-                       help="deterministic CUDA kernels, repeatable runs (slower) [deterministic]")
-    train.add_argument("--tensorboard", action="store_true", default=None,
-                       help="write TensorBoard scalars and hyperparameters under "
-                            "<run>/tensorboard [tensorboard]")
+    add_recipe_flags(train, "starting recipe (default seed)")
     train.add_argument("--gpus", type=int, metavar="N",
                        help="train on N GPUs through torchrun (with --device cpu: N processes)")
     train.add_argument("--resume", metavar="RUN_DIR",
@@ -158,8 +152,48 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", choices=cfg.DEVICES)
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_deploy_commands(commands)
+    add_prune_command(commands)
     add_study_commands(commands)
     return parser
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, preset_help: str) -> None:
+    """The flags that set a training run's settings (resolve_config reads them)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), help=preset_help)
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="any setting, e.g. --set model.width=16")
+    for flag, (key, kind, text) in TRAIN_FLAGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{text} [{key}]")
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="deterministic CUDA kernels, repeatable runs (slower) "
+                             "[deterministic]")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="write TensorBoard scalars and hyperparameters under "
+                             "<run>/tensorboard [tensorboard]")
+
+
+def add_prune_command(commands: Any) -> None:
+    prune = commands.add_parser(
+        "prune", help="remove channels from a trained model, then fine-tune it; writes a run "
+        "folder")
+    prune.add_argument("checkpoint", help="a checkpoint or a run folder (its best.pt)")
+    target = prune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-macs", type=float, metavar="F",
+                        help="keep this fraction of the model's MACs (e.g. 0.5)")
+    target.add_argument("--target-params", type=float, metavar="F",
+                        help="keep this fraction of the model's parameters")
+    target.add_argument("--ratio", type=float, metavar="R",
+                        help="remove this fraction of each layer's channels")
+    prune.add_argument("--importance", default="magnitude",
+                       choices=["magnitude", "taylor", "bn-scale"],
+                       help="how channels are ranked (default magnitude)")
+    prune.add_argument("--steps", type=int, default=1, metavar="K",
+                       help="prune in K rounds, ranking the channels again after each")
+    prune.add_argument("--round-to", type=int, default=8, metavar="N",
+                       help="keep multiples of N channels in each layer (default 8)")
+    add_recipe_flags(prune, "fine-tune with this recipe instead of the checkpoint's own "
+                     "(the model stays the checkpoint's)")
 
 
 def add_study_commands(commands: Any) -> None:
@@ -549,10 +583,35 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from cifarlab import checkpoint
+    from cifarlab.compress.prune import check_architecture, check_target, prune_run
+
+    measure, fraction = next((m, v) for m, v in (("macs", args.target_macs),
+                                                 ("params", args.target_params),
+                                                 ("ratio", args.ratio)) if v is not None)
+    check_target(measure, fraction)
+    path = checkpoint_file(args.checkpoint)
+    ckpt = checkpoint.load(path)
+    check_architecture(ckpt["model_args"], path)
+    # The fine-tuning recipe: the checkpoint's own settings, or the recipe given; the
+    # checkpoint's model in either case, and a new run folder (not the parent's name).
+    saved = cfg.from_dict(ckpt.get("config") or {})
+    recipe = None if args.preset or args.config else saved
+    config = resolve_config(args, base=recipe)
+    name = None if recipe is not None and config.name == saved.name else config.name
+    config = dataclasses.replace(config, name=name, model=dataclasses.replace(
+        config.model, name=saved.model.name, width=saved.model.width))
+    run_dir = prune_run(path, config, measure, fraction, args.importance, args.steps,
+                        args.round_to)
+    print(f"pruned and fine-tuned model: {run_dir} (prune.json, report.html)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
             "models": cmd_models, "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
             "predict": cmd_predict, "export": cmd_export, "quantize": cmd_quantize,
-            "bench": cmd_bench, "sweep": cmd_sweep, "study": cmd_study}
+            "bench": cmd_bench, "prune": cmd_prune, "sweep": cmd_sweep, "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:
