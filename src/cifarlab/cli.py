@@ -3,7 +3,7 @@
     cifarlab train     [--preset NAME] [--config FILE] [--set KEY=VALUE ...] [flags]
     cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
     cifarlab evaluate  CHECKPOINT|RUN_DIR|MODEL.onnx --data SPEC [--json]
-    cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
+    cifarlab summary   [CHECKPOINT|RUN_DIR | --model NAME --width W --classes N] [--json]
     cifarlab models    [--classes N] [--width W] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
     cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON")
 
     summary = commands.add_parser("summary", help="layer table, parameters, MACs and FLOPs")
+    summary.add_argument("checkpoint", nargs="?", help="profile this checkpoint's model (a "
+                         "pruned one included) instead of --model/--width/--classes")
     summary.add_argument("--model", default="resnet18", help="a name cifarlab models lists")
     summary.add_argument("--width", type=int, default=64, help=WIDTH_HELP)
     summary.add_argument("--classes", type=int, default=10)
@@ -428,7 +430,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     check_range("--width", args.width, 1, cfg.MAX_WIDTH, 64)
     check_range("--classes", args.classes, 2, None, 10)
-    profile = profile_model(args.model, classes=args.classes, width=args.width)
+    if args.checkpoint is not None:
+        from cifarlab import checkpoint
+
+        ckpt = checkpoint.load(checkpoint_file(args.checkpoint))
+        arch = ckpt["model_args"]
+        width = ((ckpt.get("config") or {}).get("model") or {}).get("width", args.width)
+        profile = profile_model(arch["name"], arch["num_classes"], width, args=arch)
+    else:
+        profile = profile_model(args.model, classes=args.classes, width=args.width)
     if args.json:
         fields: dict[str, Any] = asdict(profile)
         fields.pop("table")
