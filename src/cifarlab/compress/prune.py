@@ -70,10 +70,21 @@ def check_target(measure: str, fraction: float) -> None:
                         f"between 0 and 1 (e.g. {flag} 0.5)")
 
 
+# He et al.'s CIFAR ResNets widen their residual stream by zero-padding (option A), which
+# torch-pruning's dependency graph cannot follow: pruning in steps breaks the model.
+UNSUPPORTED = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
+
+def supported() -> list[str]:
+    return [name for name in MODELS if name not in UNSUPPORTED]
+
+
 def check_architecture(model_args: dict[str, Any], path: str | Path) -> None:
-    if model_args.get("name") not in MODELS:
-        raise UserError(f"checkpoint {path}: unknown architecture "
-                        f"{model_args.get('name')!r}; prune supports {', '.join(MODELS)}")
+    name = model_args.get("name")
+    if name not in MODELS or name in UNSUPPORTED:
+        kind = "zero-padding shortcuts cannot be pruned" if name in MODELS else "unknown"
+        raise UserError(f"checkpoint {path}: architecture {name!r}: {kind}; prune supports "
+                        f"{', '.join(supported())}")
 
 
 def classifier(model: nn.Module) -> nn.Module:
@@ -146,6 +157,7 @@ def prune_model(model: nn.Module, model_args: dict[str, Any], measure: str, frac
     "ratio" remove that fraction of each layer's channels. UserError when the target
     cannot be reached."""
     check_target(measure, fraction)
+    check_architecture(model_args, "given")
     base_args = {k: v for k, v in model_args.items() if k != LAYERS}
     if measure == "ratio":
         return prune_copy(model, base_args, fraction, importance, steps, round_to, batches)
