@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -46,7 +47,7 @@ log = logging.getLogger("cifarlab")
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")
 MEASURES = ("macs", "params")
 PRUNE_JSON = "prune.json"
-SEARCH_ROUNDS = 12  # bisection rounds: the channel fraction to within 1 / 2^12
+SEARCH_ROUNDS = 12  # bisection rounds: the fraction of channels to within 1 / 2^12
 TAYLOR_BATCHES, TAYLOR_BATCH_SIZE = 4, 64  # training images that rank channels by taylor
 
 
@@ -126,11 +127,15 @@ def prune_copy(model: nn.Module, base_args: dict[str, Any], ratio: float, import
 
     pruned = copy.deepcopy(model).cpu().eval()
     example = torch.randn(1, 3, 32, 32)
+    head = classifier(pruned)
+    ratios = {m: layer_ratio(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features,
+                             ratio, round_to)
+              for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not head}
     with warnings.catch_warnings():  # torch-pruning's notes on layers it leaves alone
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
             pruned, example, importance=_importance(importance), pruning_ratio=ratio,
-            iterative_steps=steps, ignored_layers=[classifier(pruned)], round_to=round_to)
+            pruning_ratio_dict=ratios, iterative_steps=steps, ignored_layers=[head])
         for _ in range(steps):
             if importance == "taylor":
                 _gradients(pruned, batches)
@@ -142,11 +147,14 @@ def prune_copy(model: nn.Module, base_args: dict[str, Any], ratio: float, import
     return Pruned(pruned, args, ratio, size.macs, size.params)
 
 
-def max_ratio(model: nn.Module, round_to: int) -> float:
-    """The largest fraction of channels that leaves every convolution `round_to` channels
-    (torch-pruning leaves a layer whole where a step would remove all its channels)."""
-    fewest = min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
-    return max(0.0, 1.0 - round_to / fewest - 1e-6)
+def layer_ratio(channels: int, ratio: float, round_to: int) -> float:
+    """The fraction of a layer's `channels` to remove so that it keeps the multiple of
+    `round_to` nearest to (1 - ratio) x channels, at least `round_to`. (torch-pruning's own
+    round_to rounds down, so that every layer of a CIFAR ResNet drops a whole multiple at
+    once and a MAC target is missed by far.)"""
+    keep = max(round_to, math.floor(channels * (1 - ratio) / round_to + 0.5) * round_to)
+    # +0.5: torch-pruning keeps int(channels x (1 - fraction)) channels
+    return 0.0 if keep >= channels else 1.0 - (keep + 0.5) / channels
 
 
 def prune_model(model: nn.Module, model_args: dict[str, Any], measure: str, fraction: float,
@@ -167,7 +175,7 @@ def prune_model(model: nn.Module, model_args: dict[str, Any], measure: str, frac
     def attempt(ratio: float) -> Pruned:
         return prune_copy(model, base_args, ratio, importance, steps, round_to, batches)
 
-    best = attempt(max_ratio(model, round_to))
+    best = attempt(1.0)  # every layer down to round_to channels
     if getattr(best, measure) > goal:
         smallest = getattr(best, measure) / getattr(before, measure)
         flag = "--target-macs" if measure == "macs" else "--target-params"
