@@ -96,8 +96,17 @@ def classifier(model: nn.Module) -> nn.Module:
     return linears[-1]
 
 
+def _torch_pruning() -> Any:
+    try:
+        import torch_pruning
+    except ImportError:
+        raise UserError("prune needs the torch-pruning package; install it with: pip install "
+                        "'cifarlab[compress]'") from None
+    return torch_pruning
+
+
 def _importance(kind: str) -> Any:
-    import torch_pruning as tp
+    tp = _torch_pruning()
 
     if kind == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
@@ -123,7 +132,7 @@ def prune_copy(model: nn.Module, base_args: dict[str, Any], ratio: float, import
                steps: int, round_to: int,
                batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> Pruned:
     """A copy of `model` with a fraction `ratio` of each layer's channels removed."""
-    import torch_pruning as tp
+    tp = _torch_pruning()
 
     pruned = copy.deepcopy(model).cpu().eval()
     example = torch.randn(1, 3, 32, 32)
