@@ -15,7 +15,7 @@ from torch import nn
 from cifarlab import checkpoint
 from cifarlab.cli import main
 from cifarlab.compress import prune
-from cifarlab.models import LAYERS, MODELS, create_model, model_args
+from cifarlab.models import LAYERS, MODELS, architecture, create_model, model_args
 from cifarlab.profile import model_size
 
 
@@ -203,3 +203,15 @@ def test_a_pruned_model_gets_correct_gradients_on_avx2_kernels():
     assert result["shortcut_in"] < 16 and result["stride"] == 2
     worst = max(result["errors"].items(), key=lambda kv: kv[1])
     assert worst[1] < 1e-4, worst
+
+
+def test_an_unpruned_model_keeps_its_plain_arguments_and_bad_layers_are_refused():
+    args = model_args("resnet18", 10, 8)
+    assert architecture(create_model(**args), args) == args  # no LAYERS entry
+    ckpt = {"model_args": {**args, LAYERS: {"stem.1": [4, 4, 1]}}, "classes": list("abcdefghij"),
+            "model": {}}
+    with pytest.raises(prune.UserError, match="cannot build resnet18.*stem.1"):
+        checkpoint.build_model(ckpt, "x.pt")
+    ckpt["model_args"][LAYERS] = {"layer9.conv": [4, 4, 1]}
+    with pytest.raises(prune.UserError, match="no layer 'layer9.conv'"):
+        checkpoint.build_model(ckpt, "x.pt")

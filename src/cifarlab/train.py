@@ -204,8 +204,8 @@ def check_same_run(run_dir: Path, ckpt_id: str | None) -> None:
 
 def _describe(args: dict[str, Any]) -> str:
     """`resnet18 width 64`, `resnet20 channels [16, 32, 64]`: a model and its arguments."""
-    arch = [f"{k} {v}" for k, v in args.items() if k not in ("name", "num_classes")]
-    return " ".join([args["name"], *arch])
+    arch = [f"{k} {v}" for k, v in args.items() if k not in ("name", "num_classes", LAYERS)]
+    return " ".join([args["name"], *arch, *(["pruned"] if LAYERS in args else [])])
 
 
 def seed_everything(seed: int) -> None:
