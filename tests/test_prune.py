@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from test_step import run_on_avx2_kernels
 from torch import nn
 
@@ -127,6 +128,14 @@ def test_a_pruned_run_is_an_ordinary_run_folder(pruned_run, capsys):
     assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(result["test_acc"])
     report = (pruned_run / "report.md").read_text()
     assert "## Pruning" in report and f"{after['params']:,}" in report
+    # bench counts the pruned model's MACs; predict reads its checkpoint.
+    assert main(["bench", str(pruned_run), "--threads", "1", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["macs"] == after["macs"] and row["architecture"] == info["model_args"]
+    image = pruned_run.parent / "x.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    assert main(["predict", str(pruned_run), str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"]
 
 
 def test_a_pruned_checkpoint_exports_to_onnx_with_parity(pruned_run, tmp_path):
