@@ -224,3 +224,19 @@ def test_an_unpruned_model_keeps_its_plain_arguments_and_bad_layers_are_refused(
     ckpt["model_args"][LAYERS] = {"layer9.conv": [4, 4, 1]}
     with pytest.raises(prune.UserError, match="no layer 'layer9.conv'"):
         checkpoint.build_model(ckpt, "x.pt")
+
+
+def test_taylor_batches_are_normalised_training_images_with_their_labels():
+    import numpy as np
+
+    images = np.zeros((100, 32, 32, 3), np.uint8)
+    images[:, :, :, 0] = np.arange(100, dtype=np.uint8)[:, None, None]  # red = the label
+    labels = np.arange(100, dtype=np.int64)
+    batches = prune.taylor_batches(images, labels, (0.0, 0.5, 0.5), (1.0, 0.25, 0.25), seed=3)
+    assert [len(y) for _, y in batches] == [64, 36]  # every image once, in batches of 64
+    x, y = batches[0]
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(x[:, 0, 0, 0] * 255, y.float(), atol=1e-3)
+    assert torch.all(x[:, 1] == -2.0)  # (0 - 0.5) / 0.25
+    again = prune.taylor_batches(images, labels, (0.0, 0.5, 0.5), (1.0, 0.25, 0.25), seed=3)
+    assert torch.equal(again[0][1], y) and not torch.equal(y, torch.arange(64))
