@@ -240,3 +240,15 @@ def test_taylor_batches_are_normalised_training_images_with_their_labels():
     assert torch.all(x[:, 1] == -2.0)  # (0 - 0.5) / 0.25
     again = prune.taylor_batches(images, labels, (0.0, 0.5, 0.5), (1.0, 0.25, 0.25), seed=3)
     assert torch.equal(again[0][1], y) and not torch.equal(y, torch.arange(64))
+
+
+def test_a_pruned_checkpoint_quantizes(pruned_run, tmp_path):
+    import onnxruntime as ort
+
+    target = tmp_path / "pruned.int8.onnx"
+    assert main(["quantize", str(pruned_run), "--data", "synthetic:300", "--images", "64",
+                 "--int8-format", "qdq-u8s8", "--max-drop", "100", "-o", str(target)]) == 0
+    meta = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]
+                                ).get_modelmeta().custom_metadata_map
+    best = checkpoint.load(pruned_run / "best.pt")
+    assert json.loads(meta["architecture"]) == best["model_args"]
