@@ -510,3 +510,35 @@ def test_resume_refuses_a_config_yaml_with_a_duplicated_key(trained_run, tmp_pat
     code = main(["train", "--resume", str(folder)])
     err = capsys.readouterr().err
     assert code == 2 and f"{folder / 'config.yaml'}: key 'epochs' appears twice" in err
+
+
+def test_prune_flags_and_checkpoints(trained_run, place, capsys):
+    """Unreachable targets and checkpoints prune cannot read: one line, exit 2, no run folder
+    (`refused` checks that nothing appears under --out)."""
+    out = ["--out", str(place / "cwd" / "runs"), "--epochs", "1"]
+    best = checkpoint.load(trained_run / "best.pt")
+    foreign = place / "foreign.pt"
+    checkpoint.save_atomic({**best, "model_args": {**best["model_args"], "name": "lenet"}},
+                           foreign)
+    padded = place / "padded.pt"
+    checkpoint.save_atomic({**best, "model_args": {"name": "resnet20", "num_classes": 10}},
+                           padded)
+    text = place / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    run = str(trained_run / "best.pt")
+    for args, message in [
+        (["prune", run, "--target-macs", "0"], "--target-macs 0: cannot be reached"),
+        (["prune", run, "--target-macs", "1"], "--target-macs 1: cannot be reached"),
+        (["prune", run, "--target-params", "1.5"], "--target-params 1.5: cannot be reached"),
+        (["prune", run, "--ratio", "-0.2"], "--ratio -0.2: cannot be reached"),
+        # Width 4 with channels in multiples of 8: no channel can go.
+        (["prune", run, "--target-macs", "0.5"], "--target-macs 0.5: cannot be reached"),
+        (["prune", run, "--target-macs", "0.001", "--round-to", "2"],
+         "smallest pruned model keeps"),
+        (["prune", run, "--target-macs", "0.5", "--steps", "0"], "--steps 0"),
+        (["prune", run, "--target-macs", "0.5", "--round-to", "0"], "--round-to 0"),
+        (["prune", str(foreign), "--target-macs", "0.5"], "architecture 'lenet': unknown"),
+        (["prune", str(padded), "--target-macs", "0.5"], "zero-padding shortcuts"),
+        (["prune", str(text), "--target-macs", "0.5"], "not a checkpoint (text file)"),
+    ]:
+        assert message in refused([*args, *out], place, capsys)

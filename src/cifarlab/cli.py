@@ -4,7 +4,7 @@
     cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
     cifarlab train     --teacher CHECKPOINT|RUN_DIR [...]   (knowledge distillation)
     cifarlab evaluate  CHECKPOINT|RUN_DIR|MODEL.onnx --data SPEC [--json]
-    cifarlab summary   [--model NAME] [--width W] [--classes N] [--json]
+    cifarlab summary   [CHECKPOINT|RUN_DIR | --model NAME --width W --classes N] [--json]
     cifarlab models    [--classes N] [--width W] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
     cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
@@ -14,6 +14,9 @@
     cifarlab export    CHECKPOINT|RUN_DIR [-o FILE] [--format onnx|pt2|safetensors] [--data SPEC]
     cifarlab quantize  CHECKPOINT|RUN_DIR --data SPEC [-o FILE] [--calibration METHOD] [...]
     cifarlab bench     MODEL [MODEL ...] [--data SPEC] [--threads N] [--json] [-o FIGURE]
+    cifarlab prune     CHECKPOINT|RUN_DIR (--target-macs F | --target-params F | --ratio R)
+                       [--importance magnitude|taylor|bn-scale] [--steps K] [--round-to N]
+                       [train's flags: --data, --epochs, --set KEY=VALUE, ...]
     cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC]
     cifarlab study     STUDY_DIR
     cifarlab ablate    [--seeds N] [--variants A,B] [--out DIR] [--data SPEC] [--epochs N]
@@ -26,6 +29,7 @@ the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -82,17 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      parser_class=Parser)
 
     train = commands.add_parser("train", help="train a model; writes a run folder")
-    train.add_argument("--preset", choices=sorted(PRESETS), help="starting recipe (default seed)")
-    train.add_argument("--config", metavar="FILE", help="YAML file of settings")
-    train.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="any setting, e.g. --set model.width=16")
-    for flag, (key, kind, text) in TRAIN_FLAGS.items():
-        train.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{text} [{key}]")
-    train.add_argument("--deterministic", action="store_true", default=None,
-                       help="deterministic CUDA kernels, repeatable runs (slower) [deterministic]")
-    train.add_argument("--tensorboard", action="store_true", default=None,
-                       help="write TensorBoard scalars and hyperparameters under "
-                            "<run>/tensorboard [tensorboard]")
+    add_recipe_flags(train, "starting recipe (default seed)")
     train.add_argument("--gpus", type=int, metavar="N",
                        help="train on N GPUs through torchrun (with --device cpu: N processes)")
     train.add_argument("--resume", metavar="RUN_DIR",
@@ -113,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON")
 
     summary = commands.add_parser("summary", help="layer table, parameters, MACs and FLOPs")
+    summary.add_argument("checkpoint", nargs="?", help="profile this checkpoint's model (a "
+                         "pruned one included) instead of --model/--width/--classes")
     summary.add_argument("--model", default="resnet18", help="a name cifarlab models lists")
     summary.add_argument("--width", type=int, default=64, help=WIDTH_HELP)
     summary.add_argument("--classes", type=int, default=10)
@@ -177,8 +173,48 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", choices=cfg.DEVICES)
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_deploy_commands(commands)
+    add_prune_command(commands)
     add_study_commands(commands)
     return parser
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, preset_help: str) -> None:
+    """The flags that set a training run's settings (resolve_config reads them)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), help=preset_help)
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="any setting, e.g. --set model.width=16")
+    for flag, (key, kind, text) in TRAIN_FLAGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), type=kind, help=f"{text} [{key}]")
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="deterministic CUDA kernels, repeatable runs (slower) "
+                             "[deterministic]")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="write TensorBoard scalars and hyperparameters under "
+                             "<run>/tensorboard [tensorboard]")
+
+
+def add_prune_command(commands: Any) -> None:
+    prune = commands.add_parser(
+        "prune", help="remove channels from a trained model, then fine-tune it; writes a run "
+        "folder")
+    prune.add_argument("checkpoint", help="a checkpoint or a run folder (its best.pt)")
+    target = prune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-macs", type=float, metavar="F",
+                        help="keep this fraction of the model's MACs (e.g. 0.5)")
+    target.add_argument("--target-params", type=float, metavar="F",
+                        help="keep this fraction of the model's parameters")
+    target.add_argument("--ratio", type=float, metavar="R",
+                        help="remove this fraction of each layer's channels")
+    prune.add_argument("--importance", default="magnitude",
+                       choices=["magnitude", "taylor", "bn-scale"],
+                       help="how channels are ranked (default magnitude)")
+    prune.add_argument("--steps", type=int, default=1, metavar="K",
+                       help="prune in K rounds, ranking the channels again after each")
+    prune.add_argument("--round-to", type=int, default=8, metavar="N",
+                       help="keep multiples of N channels in each layer (default 8)")
+    add_recipe_flags(prune, "fine-tune with this recipe instead of the checkpoint's own "
+                     "(the model stays the checkpoint's)")
 
 
 def add_study_commands(commands: Any) -> None:
@@ -435,7 +471,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     check_range("--width", args.width, 1, cfg.MAX_WIDTH, 64)
     check_range("--classes", args.classes, 2, None, 10)
-    profile = profile_model(args.model, classes=args.classes, width=args.width)
+    if args.checkpoint is not None:
+        from cifarlab import checkpoint
+
+        ckpt = checkpoint.load(checkpoint_file(args.checkpoint))
+        arch = ckpt["model_args"]
+        width = ((ckpt.get("config") or {}).get("model") or {}).get("width", args.width)
+        profile = profile_model(arch["name"], arch["num_classes"], width, args=arch)
+    else:
+        profile = profile_model(args.model, classes=args.classes, width=args.width)
     if args.json:
         fields: dict[str, Any] = asdict(profile)
         fields.pop("table")
@@ -631,10 +675,35 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from cifarlab import checkpoint
+    from cifarlab.compress.prune import check_architecture, check_target, prune_run
+
+    measure, fraction = next((m, v) for m, v in (("macs", args.target_macs),
+                                                 ("params", args.target_params),
+                                                 ("ratio", args.ratio)) if v is not None)
+    check_target(measure, fraction)
+    path = checkpoint_file(args.checkpoint)
+    ckpt = checkpoint.load(path)
+    check_architecture(ckpt["model_args"], path)
+    # The fine-tuning recipe: the checkpoint's own settings, or the recipe given; the
+    # checkpoint's model in either case, and a new run folder (not the parent's name).
+    saved = cfg.from_dict(ckpt.get("config") or {})
+    recipe = None if args.preset or args.config else saved
+    config = resolve_config(args, base=recipe)
+    name = None if recipe is not None and config.name == saved.name else config.name
+    config = dataclasses.replace(config, name=name, model=dataclasses.replace(
+        config.model, name=saved.model.name, width=saved.model.width))
+    run_dir = prune_run(path, config, measure, fraction, args.importance, args.steps,
+                        args.round_to)
+    print(f"pruned and fine-tuned model: {run_dir} (prune.json, report.html)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary,
             "models": cmd_models, "plot": cmd_plot, "compare": cmd_compare, "report": cmd_report,
             "predict": cmd_predict, "export": cmd_export, "quantize": cmd_quantize,
-            "bench": cmd_bench, "sweep": cmd_sweep, "study": cmd_study,
+            "bench": cmd_bench, "prune": cmd_prune, "sweep": cmd_sweep, "study": cmd_study,
             "ablate": cmd_ablate}
 
 

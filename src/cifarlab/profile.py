@@ -11,6 +11,7 @@ profile costs the same small time for any width (a run's report computes one at 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchinfo
@@ -53,11 +54,13 @@ def _table(stats: torchinfo.ModelStatistics) -> str:
 
 
 def profile_model(
-    name: str = "resnet18", classes: int = 10, width: int = BASE_WIDTH
+    name: str = "resnet18", classes: int = 10, width: int = BASE_WIDTH,
+    args: dict[str, Any] | None = None,
 ) -> ModelProfile:
-    """`width`: the config's model.width (64: the model's published width)."""
+    """`width`: the config's model.width (64: the model's published width). `args`: the
+    model's own arguments instead (a checkpoint's model_args, a pruned model's included)."""
     with torch.device("meta"):
-        model = create_model(**model_args(name, classes, width))
+        model = create_model(**(args or model_args(name, classes, width)))
         # Batch of 2: BatchNorm needs more than one value per channel in training mode.
         x = torch.randn(2, 3, 32, 32)
     stats = torchinfo.summary(

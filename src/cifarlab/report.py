@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -175,7 +176,9 @@ def write_report(run_dir: str | Path, against: str | Path | None = None) -> Path
         run, other = read_runs([run_dir, against])
     classes, data = _classes_and_data(run)
     model = run.config.model
-    profile = profile_model(model.name, classes=len(classes), width=model.width)
+    pruning = _read_pruning(run_dir)  # a pruned run's architecture is in prune.json
+    profile = profile_model(model.name, classes=len(classes), width=model.width,
+                            args=pruning["model_args"] if pruning else None)
 
     figures = {CURVES_PNG: figure_bytes(curves_figure([run] if other is None else [run, other]))}
     confusion = run.result.get("test_confusion") if run.result else None
@@ -183,7 +186,7 @@ def write_report(run_dir: str | Path, against: str | Path | None = None) -> Path
         title = (f"Test set, best checkpoint (epoch {run.best.epoch}): "
                  f"{run.test_acc:.2f} % correct")
         figures[CONFUSION_PNG] = figure_bytes(confusion_figure(confusion, classes, title))
-    document = build_document(run, other, classes, data, profile)
+    document = build_document(run, other, classes, data, profile, pruning)
     outputs = dict(figures)
     outputs[REPORT_MD] = to_markdown(document).encode()
     outputs[REPORT_HTML] = to_html(document, figures).encode()
@@ -207,7 +210,7 @@ def _classes_and_data(run: Run) -> tuple[list[str], dict[str, Any]]:
 
 
 def build_document(run: Run, other: Run | None, classes: list[str], data: dict[str, Any],
-                   profile: ModelProfile) -> Document:
+                   profile: ModelProfile, pruning: dict[str, Any] | None = None) -> Document:
     curves = Image(CURVES_PNG, "Training curves", _curves_caption(run, other))
     sections = [Section("Results", [_results_table(run, data)]), Section("Curves", [curves])]
     if other is not None:
@@ -219,6 +222,8 @@ def build_document(run: Run, other: Run | None, classes: list[str], data: dict[s
     sections.append(Section("Test set", _test_blocks(run, classes)))
     sections.append(Section("Data", _data_blocks(run, classes, data)))
     sections.append(Section("Model", _model_blocks(profile)))
+    if pruning is not None:
+        sections.append(Section("Pruning", _pruning_blocks(run, pruning)))
     sections.append(Section("Settings", [
         Text("The resolved settings (config.yaml); repeat the run with "
              f"`cifarlab train --config {run.folder / 'config.yaml'} --name NEW_NAME`."),
@@ -364,6 +369,47 @@ def _model_blocks(profile: ModelProfile) -> list[Block]:
                  "torch.utils.flop_counter: FLOPs = 2 x MACs, a multiply-accumulate being two "
                  "floating-point operations."),
             table, Details("Layer table (torchinfo)", Code(profile.table))]
+
+
+def _read_pruning(run_dir: Path) -> dict[str, Any] | None:
+    """The run's prune.json (cifarlab prune writes it), or None."""
+    path = run_dir / "prune.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read it ({e}); check the file") from None
+
+
+def _pruning_blocks(run: Run, pruning: dict[str, Any]) -> list[Block]:
+    before, after = pruning["before"], pruning["after"]
+    target = pruning["target"]
+
+    def ratio(key: str) -> str:
+        return f"{after[key] / before[key]:.3f}" if before[key] else NONE
+
+    table = Table(["", "parent", "pruned", "pruned / parent"], [
+        ["MACs per image", _giga(before["macs"]), _giga(after["macs"]), ratio("macs")],
+        ["parameters", f"{before['params']:,}", f"{after['params']:,}", ratio("params")],
+        ["validation accuracy", f"{before['val_acc']:.2f} %",
+         f"{after['val_acc_before_finetune']:.2f} % before fine-tuning, "
+         f"{run.best.val_acc:.2f} % after", ""],
+        ["CPU latency, batch 1 (median)", f"{before['latency_ms']:.2f} ms",
+         f"{after['latency_ms']:.2f} ms", ratio("latency_ms")],
+        ["CPU throughput, batch 64", f"{before['throughput']:,.0f} images/s",
+         f"{after['throughput']:,.0f} images/s", ratio("throughput")],
+    ], "lrrr")
+    layers = Table(["layer", "channels before", "after"], [
+        [name, str(b), str(a)] for name, (b, a) in pruning["channels"].items()], "lrr")
+    return [
+        Text(f"Pruned from {pruning['parent']} by {pruning['importance']} importance in "
+             f"{pruning['steps']} step(s), channels in multiples of {pruning['round_to']}: "
+             f"{pruning['channel_ratio']:.3f} of each layer's channels removed for a target "
+             f"of {target['fraction']:g} ({target['measure']}). Latency measured in eager "
+             f"PyTorch on this machine's CPU with {pruning['threads']} thread(s); the MAC "
+             "ratio is what papers call the speed-up, the measured one may differ."),
+        table, Details("Channels of each pruned layer", layers)]
 
 
 def _giga(count: int) -> str:

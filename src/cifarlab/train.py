@@ -39,7 +39,7 @@ from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest, heartbeat
-from cifarlab.models import create_model, model_args
+from cifarlab.models import LAYERS, architecture, create_model, model_args
 from cifarlab.report import write_report
 from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled, memory_format
 from cifarlab.training.board import Board, check_available
@@ -168,7 +168,7 @@ def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
     check_same_run(run_dir, state.get("run_id"))
     args = state["model_args"]
     wanted = model_args(config.model.name, args["num_classes"], config.model.width)
-    if args != wanted:
+    if {k: v for k, v in args.items() if k != LAYERS} != wanted:  # a pruned model's layers
         raise UserError(f"--resume {run_dir}: last.pt holds {_describe(args)}, the config asks "
                         f"for {_describe(wanted)}")
     saved_optimizer = state.get("config", {}).get("optim", {}).get("name", "sgd")
@@ -206,8 +206,8 @@ def check_same_run(run_dir: Path, ckpt_id: str | None) -> None:
 
 def _describe(args: dict[str, Any]) -> str:
     """`resnet18 width 64`, `resnet20 channels [16, 32, 64]`: a model and its arguments."""
-    arch = [f"{k} {v}" for k, v in args.items() if k not in ("name", "num_classes")]
-    return " ".join([args["name"], *arch])
+    arch = [f"{k} {v}" for k, v in args.items() if k not in ("name", "num_classes", LAYERS)]
+    return " ".join([args["name"], *arch, *(["pruned"] if LAYERS in args else [])])
 
 
 def seed_everything(seed: int) -> None:
@@ -284,7 +284,8 @@ def weights_payload(
         "format": checkpoint.FORMAT,
         "version": checkpoint.VERSION,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_args": model_args(config.model.name, len(splits.classes), config.model.width),
+        "model_args": architecture(
+            model, model_args(config.model.name, len(splits.classes), config.model.width)),
         "classes": list(splits.classes),
         "mean": list(splits.mean),
         "std": list(splits.std),
@@ -345,8 +346,13 @@ def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
 
 
 def fit(config: Config, *, resume: str | Path | None = None,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        initial: dict[str, Any] | None = None) -> FitResult:
     """Train `config` into a new run folder, or continue the run folder `resume`.
+
+    `initial`: a checkpoint ({"model_args", "model"}) whose architecture and weights the
+    run starts from instead of a new model of config.model (fine-tuning a pruned model);
+    its name must be config.model.name. A resumed run takes both from its own last.pt.
 
     `on_epoch(epoch, row)` is called after each epoch once its checkpoints and metrics.csv
     are written (rank 0 alone); `row` is that epoch's line of metrics.csv. An exception it
@@ -372,13 +378,14 @@ def fit(config: Config, *, resume: str | Path | None = None,
         raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
                         f"evenly over {world.size} processes; change --batch-size")
     try:
-        return _fit(config, resume, device, world, on_epoch)
+        return _fit(config, resume, device, world, on_epoch, initial)
     finally:
         distributed.shutdown()
 
 
 def _fit(config: Config, resume: str | Path | None, device: torch.device, world: World,
-         on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+         initial: dict[str, Any] | None = None) -> FitResult:
     amp_dtype = resolve_amp(config.amp, device)
     run_dir = Path(resume) if resume else distributed.broadcast(run_dir_for(config))
     if resume is None and distributed.restart_count() > 0 and (run_dir / "last.pt").exists():
@@ -405,7 +412,11 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     memory.check_fits(config.model.name, len(splits.classes), config.model.width,
                       min(config.batch_size // world.size, per_rank), device)
     seed_everything(config.seed)
-    model = create_model(**model_args(config.model.name, len(splits.classes), config.model.width))
+    start = state or initial  # a pruned model's architecture is in its checkpoint
+    model = create_model(**(start["model_args"] if start else model_args(
+        config.model.name, len(splits.classes), config.model.width)))
+    if initial is not None:
+        model.load_state_dict(initial["model"])
     check_disk_space(run_dir, model)
     distributed.barrier()  # every rank has checked the run folder before rank 0 creates it
 

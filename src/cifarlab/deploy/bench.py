@@ -64,6 +64,21 @@ def measure(run: Callable[[np.ndarray], Any], images: np.ndarray, *, latency_run
                   BATCH / statistics.median(many))
 
 
+def time_module(module: Any, images: np.ndarray) -> Timing:
+    """A torch module in eager mode, float32, on the CPU."""
+    return measure(lambda x: torch_logits(module, x), images)
+
+
+def torch_logits(module: Any, images: np.ndarray) -> np.ndarray:
+    """Logits of uint8 NHWC images, in chunks of 256."""
+    import torch
+
+    with torch.inference_mode():
+        out = [module(torch.from_numpy(runtime.to_input(images[i : i + 256])))
+               for i in range(0, len(images), 256)]
+    return torch.cat(out).numpy()
+
+
 def time_onnx(model: runtime.OnnxClassifier, images: np.ndarray, quick: bool = False) -> Timing:
     return measure(lambda x: model.run(runtime.to_input(x)), images, **(QUICK if quick else {}))
 
@@ -189,18 +204,13 @@ def open_model(given: str | Path, threads: int) -> Opened:
         return Opened(path, kind, model.meta("architecture"), model.meta("split", {}),
                       model.classes, lambda x: model.run(runtime.to_input(x)), model.logits,
                       onnx=model)
-    import torch
-
     from cifarlab.deploy.export import load
 
     loaded = load(given)
     module = loaded.module
 
     def logits(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = [module(torch.from_numpy(runtime.to_input(x[i : i + 256])))
-                   for i in range(0, len(x), 256)]
-        return torch.cat(out).numpy()
+        return torch_logits(module, x)
 
     return Opened(loaded.path, "torch eager fp32", loaded.ckpt["model_args"],
                   loaded.ckpt.get("config", {}).get("data", {}), list(loaded.ckpt["classes"]),

@@ -10,10 +10,13 @@ All take 32x32 inputs: 3x3 first convolution at stride 1, no max-pool in the ste
 from cifarlab.models import resnet, cifar_resnet, wrn, vgg, mobilenet, densenet  # noqa: F401, I001
 from cifarlab.models.registry import (
     BASE_WIDTH,
+    LAYERS,
     MODELS,
+    architecture,
     check_name,
     create_model,
     model_args,
 )
 
-__all__ = ["BASE_WIDTH", "MODELS", "check_name", "create_model", "model_args"]
+__all__ = ["BASE_WIDTH", "LAYERS", "MODELS", "architecture", "check_name", "create_model",
+           "model_args"]

@@ -5,15 +5,22 @@ arguments (what a checkpoint stores as `model_args`); `model_args(name, num_clas
 turns the config's `model.width` into those arguments. `model.width` is a width on the
 ResNet-18 scale: 64 builds every model at its published width, and W scales each family's
 channel counts by W / 64 (ResNet-18's base width is then exactly W).
+
+A pruned model is data too: `model_args[LAYERS]` maps the name of each layer whose shape
+differs from the base model's to its shape (Conv2d: [in, out, groups], Linear: [in, out],
+BatchNorm2d: [features]). `create_model` builds the base model, then puts layers of those
+shapes in place, so a checkpoint of a pruned model loads like any other (`weights_only`).
 """
 
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from cifarlab.errors import UserError
@@ -59,9 +66,60 @@ def model_args(name: str, num_classes: int, width: int = BASE_WIDTH) -> dict[str
     return {"name": name, "num_classes": num_classes, **MODELS[name].width_args(width)}
 
 
+LAYERS = "layers"  # the model_args entry holding a pruned model's layer shapes
+
+
 def create_model(name: str, num_classes: int = 10, **arch_args: Any) -> nn.Module:
     check_name(name)
-    return MODELS[name].build(num_classes=num_classes, **arch_args)
+    layers = arch_args.pop(LAYERS, None) or {}
+    model = MODELS[name].build(num_classes=num_classes, **arch_args)
+    for layer_name, shape in layers.items():
+        _reshape(model, layer_name, [int(n) for n in shape])
+    return model
+
+
+def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The shape of every Conv2d, Linear and BatchNorm2d in `model`, by module name."""
+    shapes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            shapes[name] = [m.in_channels, m.out_channels, m.groups]
+        elif isinstance(m, nn.Linear):
+            shapes[name] = [m.in_features, m.out_features]
+        elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            shapes[name] = [m.num_features]
+    return shapes
+
+
+def architecture(model: nn.Module, base_args: dict[str, Any]) -> dict[str, Any]:
+    """`base_args` ({"name", "num_classes", **arch_args}, without LAYERS) plus the layers
+    of `model` whose shapes differ from the base model's: the model_args that rebuild it."""
+    with torch.device("meta"):
+        base = layer_shapes(create_model(**base_args))
+    changed = {k: v for k, v in layer_shapes(model).items() if base.get(k) != v}
+    return {**base_args, LAYERS: changed} if changed else dict(base_args)
+
+
+def _reshape(model: nn.Module, name: str, shape: list[int]) -> None:
+    """Replace layer `name` by one of the same kind and settings with shape `shape`."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+    except AttributeError:
+        raise ValueError(f"no layer '{name}' in the model") from None
+    if isinstance(old, nn.Conv2d) and len(shape) == 3:
+        new = nn.Conv2d(shape[0], shape[1], old.kernel_size, old.stride, old.padding,
+                        old.dilation, shape[2], old.bias is not None, old.padding_mode)
+    elif isinstance(old, nn.Linear) and len(shape) == 2:
+        new = nn.Linear(shape[0], shape[1], old.bias is not None)
+    elif isinstance(old, nn.BatchNorm2d) and len(shape) == 1:
+        new = nn.BatchNorm2d(shape[0], old.eps, old.momentum, old.affine,
+                             old.track_running_stats)
+    else:
+        raise ValueError(f"layer '{name}' is a {type(old).__name__}, not of shape {shape}")
+    device = next(itertools.chain(old.parameters(), old.buffers())).device
+    setattr(parent, child, new.to(device))
 
 
 def kaiming_init(model: nn.Module) -> None:

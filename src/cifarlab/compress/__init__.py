@@ -1,0 +1,1 @@
+"""Making trained models smaller: structured channel pruning (prune.py)."""
