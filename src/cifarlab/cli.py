@@ -12,7 +12,7 @@
     cifarlab export    CHECKPOINT|RUN_DIR [-o FILE] [--format onnx|pt2|safetensors] [--data SPEC]
     cifarlab quantize  CHECKPOINT|RUN_DIR --data SPEC [-o FILE] [--calibration METHOD] [...]
     cifarlab bench     MODEL [MODEL ...] [--data SPEC] [--threads N] [--json] [-o FIGURE]
-    cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC]
+    cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC] [--workers K] [--storage URL]
     cifarlab study     STUDY_DIR
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
@@ -172,6 +172,12 @@ def add_study_commands(commands: Any) -> None:
                        help="the study folder (default runs/<study file name>)")
     sweep.add_argument("--data", metavar="SPEC", help="training images for every trial "
                        "[data.source]")
+    sweep.add_argument("--workers", type=int, metavar="K", help="trials at a time on this "
+                       "machine (one GPU each where there are K, else a share of the CPU)")
+    sweep.add_argument("--storage", metavar="URL", help="a PostgreSQL or MySQL database "
+                       "every machine reaches: the same command on each joins the study "
+                       "(default: the journal file in the study folder)")
+    sweep.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # one of --workers
 
     study = commands.add_parser(
         "study", help="a study's results by point: mean, sd and 95%% CI over seeds",
@@ -534,7 +540,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cifarlab.studies.sweep import sweep
 
-    sweep(args.study, out=args.out, data_source=args.data)
+    check_range("--workers", args.workers, 1, 1024, 4)
+    sweep(args.study, out=args.out, data_source=args.data, workers=args.workers or 1,
+          storage=args.storage, worker=args.worker)
     return 0
 
 
