@@ -13,7 +13,7 @@
     cifarlab quantize  CHECKPOINT|RUN_DIR --data SPEC [-o FILE] [--calibration METHOD] [...]
     cifarlab bench     MODEL [MODEL ...] [--data SPEC] [--threads N] [--json] [-o FIGURE]
     cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC] [--workers K] [--storage URL]
-    cifarlab study     STUDY_DIR
+    cifarlab study     STUDY_DIR [--storage URL]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -183,6 +183,7 @@ def add_study_commands(commands: Any) -> None:
         "study", help="a study's results by point: mean, sd and 95%% CI over seeds",
         description="Writes STUDY_DIR/study.md (also printed) and Optuna's figures beside it.")
     study.add_argument("folder", metavar="STUDY_DIR", help="the folder cifarlab sweep wrote")
+    study.add_argument("--storage", metavar="URL", help="the database the sweep used, if any")
 
 
 def add_deploy_commands(commands: Any) -> None:
@@ -549,7 +550,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from cifarlab.studies.summary import SUMMARY_FILE, summarize_study
 
-    text, notes = summarize_study(args.folder)
+    text, notes = summarize_study(args.folder, args.storage)
     print(text)
     for note in notes:
         print(note)

@@ -11,6 +11,9 @@ refused: Optuna advises against it for workers that write at once.
 from __future__ import annotations
 
 import os
+import random
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,25 +70,38 @@ def open_database(url: str) -> Any:
         raise UserError(f"--storage {url}: SQLite does not take workers that write at once; "
                         "leave --storage out for the journal file in the study folder (one "
                         "machine), or give a postgresql:// or mysql:// URL")
+    if scheme == "postgres":
+        scheme, url = "postgresql", "postgresql" + url[len("postgres"):]
     if scheme not in SCHEMES or "://" not in url:
         raise UserError(f"--storage {masked(url)}: give a database URL, "
                         "postgresql://USER:PASSWORD@HOST:PORT/DB or mysql://...")
     import optuna
     import sqlalchemy.exc
 
+    given = url
+    if scheme == "postgresql" and url.split(":", 1)[0].lower() == "postgresql":
+        url = "postgresql+psycopg" + url[len("postgresql"):]  # psycopg 3: cifarlab[cluster]
     interval, grace = heartbeat()
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    stale = ({"heartbeat_stale_trial_callback": retry()} if retry is not None else
-             {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback()})
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"connect_args": {"connect_timeout": CONNECT_TIMEOUT}},
-            heartbeat_interval=interval, grace_period=grace, **stale)
-    except ModuleNotFoundError as e:
-        raise UserError(f"--storage {masked(url)}: its driver is not installed ({e.name}); "
-                        "pip install 'cifarlab[cluster]'") from None
-    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
-        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:160]
-        raise UserError(f"--storage {masked(url)}: cannot reach the database ({first}); "
-                        "check the host, port, user and password, and that the server "
-                        "runs and takes connections from here") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                stale = ({"heartbeat_stale_trial_callback": retry()} if retry is not None else
+                         {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback()})
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"connect_timeout": CONNECT_TIMEOUT}},
+                    heartbeat_interval=interval, grace_period=grace, **stale)
+        except ModuleNotFoundError as e:
+            raise UserError(f"--storage {masked(given)}: its driver is not installed "
+                            f"({e.name}); pip install 'cifarlab[cluster]'") from None
+        except sqlalchemy.exc.IntegrityError:
+            # Workers that start at once on a new database race to create its tables.
+            time.sleep(0.5 + random.random() * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
+            first = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:160]
+            raise UserError(f"--storage {masked(given)}: cannot reach the database ({first}); "
+                            "check the host, port, user and password, and that the server "
+                            "runs and takes connections from here") from None
+    raise UserError(f"--storage {masked(given)}: could not set up Optuna's tables in the "
+                    "database; run the command again")

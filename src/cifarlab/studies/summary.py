@@ -36,14 +36,15 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else cfg._show(value)
 
 
-def load(folder: Path) -> tuple[Any, Any]:
-    """The study spec and its Optuna study, or a one-line error."""
+def load(folder: Path, storage: str | None = None) -> tuple[Any, Any]:
+    """The study spec and its Optuna study (in the journal, or the database at `storage`),
+    or a one-line error."""
     stored = folder / STUDY_FILE
-    if not stored.is_file() or not (folder / JOURNAL_FILE).is_file():
+    if not stored.is_file() or storage is None and not (folder / JOURNAL_FILE).is_file():
         raise UserError(f"{folder}: not a study folder (no {STUDY_FILE} and {JOURNAL_FILE}); "
                         "give the folder cifarlab sweep wrote")
     study = parse_study(cfg.load_yaml(stored, where=str(stored)), str(stored))
-    return study, open_study(folder, study, create=False)
+    return study, open_study(folder, study, create=False, storage=storage)
 
 
 def points(folder: Path, study: Any, optuna_study: Any) -> tuple[list[Point], dict[str, int]]:
@@ -147,10 +148,10 @@ def figures(folder: Path, study: Any, optuna_study: Any) -> list[str]:
     return notes
 
 
-def summarize_study(folder: str | Path) -> tuple[str, list[str]]:
+def summarize_study(folder: str | Path, storage: str | None = None) -> tuple[str, list[str]]:
     """Write STUDY_DIR/study.md and the figures; return the Markdown and the notes."""
     folder = Path(folder)
-    study, optuna_study = load(folder)
+    study, optuna_study = load(folder, storage)
     found, states = points(folder, study, optuna_study)
     text = markdown(folder, study, found, states)
     (folder / SUMMARY_FILE).write_text(text)

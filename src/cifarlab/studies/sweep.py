@@ -28,7 +28,7 @@ from cifarlab import config as cfg
 from cifarlab.errors import TrainingFailed, UserError
 from cifarlab.runs import METRICS_FILE, RESULT_FILE, read_run
 from cifarlab.studies.spec import Range, Study, load_study, parse_study
-from cifarlab.studies.storage import JOURNAL_FILE
+from cifarlab.studies.storage import JOURNAL_FILE  # noqa: F401 (summary imports it here)
 
 log = logging.getLogger("cifarlab")
 
@@ -141,7 +141,8 @@ def check_folder(folder: Path, study: Study, where: str) -> None:
         if changed:
             raise UserError(f"{where}: the study in {folder} differs from this file in "
                             f"{', '.join(changed)}; give another --out, or the same study")
-    elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    elif folder.exists() and (not folder.is_dir() or any(p.name != ".sweep.lock"
+                                                          for p in folder.iterdir())):
         raise UserError(f"--out {folder}: exists and is not a study folder (no {STUDY_FILE}); "
                         "give another --out")
 
@@ -165,8 +166,9 @@ def sweep(study_file: str | Path, out: str | Path | None = None,
                          folder, index=worker)
     check_folder(folder, study, str(study_file))
     with pool.folder_lock(folder, storage):
+        optuna_study = None
         if storage is not None:  # reach the database before writing anything
-            open_study(folder, study, create=True, storage=storage)
+            optuna_study = open_study(folder, study, create=True, storage=storage)
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / STUDY_FILE).is_file():
             import yaml
@@ -175,7 +177,8 @@ def sweep(study_file: str | Path, out: str | Path | None = None,
 
             text = yaml.safe_dump(study.to_dict(), sort_keys=False).encode()
             write_atomic(folder / STUDY_FILE, lambda f: f.write(text))
-        optuna_study = open_study(folder, study, create=True, storage=storage)
+        if optuna_study is None:
+            optuna_study = open_study(folder, study, create=True)
         retry_cut_short(optuna_study, study, running=storage is None)
         finished = count_finished(optuna_study)
         log.info(f"study {folder}: {finished} of {study.budget()} trials finished")
@@ -251,7 +254,8 @@ class Objective:
             else:
                 params[key] = trial.suggest_categorical(key, axis)
         if self.study.sampler == "grid":
-            return params, int(trial.suggest_categorical("seed", list(range(self.study.seeds)))), False
+            seeds = list(range(self.study.seeds))
+            return params, int(trial.suggest_categorical("seed", seeds)), False
         if "seed" in trial.user_attrs:  # a repeat of a point, queued with its seed
             return params, int(trial.user_attrs["seed"]), False
         return params, 0, True  # a new point: seed 0 here, the others trials of their own

@@ -156,9 +156,9 @@ class RunLock:
         except FileNotFoundError:
             return True
         host, _, pid = holder.rpartition(":")
-        if host == socket.gethostname() and pid.isdigit():
-            return not pid_alive(int(pid))
-        return age > self.grace
+        if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+            return True
+        return age > self.grace  # a live holder touches it every `interval` seconds
 
     def __enter__(self) -> RunLock:
         told = False
@@ -248,6 +248,16 @@ def placement(workers: int) -> list[dict[str, str]]:
     return envs
 
 
+def stop_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the sweep that started it dies (even by SIGKILL), so
+    that it saves its run's last.pt and stops instead of training on unseen."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def worker_command(study_file: Any, folder: Path, index: int, data_source: str | None,
                    storage: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "cifarlab", "sweep", str(study_file), "--out", str(folder),
@@ -283,7 +293,8 @@ def run_workers(optuna_study: Any, study: Any, folder: Path, workers: int, study
             # Its own session: Ctrl-C reaches the workers once, through this process.
             procs.append(subprocess.Popen(
                 worker_command(study_file, folder, i, data_source, storage),
-                env={**os.environ, **env}, start_new_session=True))
+                env={**os.environ, **env}, start_new_session=True,
+                preexec_fn=stop_with_parent))
         log.info(f"study {folder}: {workers} workers, pids "
                  f"{', '.join(str(p.pid) for p in procs)}")
         live = set(range(len(procs)))
