@@ -239,6 +239,7 @@ class Objective:
     def __init__(self, study: Study, folder: Path) -> None:
         self.study = study
         self.folder = folder
+        self.lost: int | None = None  # a trial another worker took over while this one ran
 
     def suggest(self, trial: Any) -> tuple[dict[str, Any], int, bool]:
         """The trial's point and seed, and whether the point is new (its other seeds are
@@ -261,7 +262,7 @@ class Objective:
         return params, 0, True  # a new point: seed 0 here, the others trials of their own
 
     def __call__(self, trial: Any) -> float:
-        from cifarlab.studies.workers import RunLock, claim, worker_id
+        from cifarlab.studies.workers import Dropped, RunLock, claim, worker_id
 
         params, seed, new_point = self.suggest(trial)
         name = run_name(params, seed)
@@ -272,8 +273,18 @@ class Objective:
         if new_point:
             for other in range(1, self.study.seeds):
                 trial.study.enqueue_trial(params, user_attrs={"seed": other})
+        import optuna
+
         with RunLock(self.folder, name):
-            return self.train(trial, params, seed, name)
+            try:
+                value = self.train(trial, params, seed, name)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                value = None
+            if value is None or trial.study._storage.get_trial(trial._trial_id).state.is_finished():
+                # Another worker failed it (no heartbeat for the grace period) and retries it.
+                self.lost = trial.number
+                raise Dropped(f"trial {trial.number}: {name} was given to another worker")
+            return value
 
     def train(self, trial: Any, params: dict[str, Any], seed: int, name: str) -> float:
         import optuna

@@ -79,7 +79,14 @@ def work(optuna_study: Any, study: Any, folder: Path, index: int | None = None) 
                 return folder
             time.sleep(WAIT)
             continue
-        optuna_study.optimize(objective, n_trials=1, catch=(TrainingFailed, Dropped))
+        objective.lost = None
+        try:
+            optuna_study.optimize(objective, n_trials=1, catch=(TrainingFailed, Dropped))
+        except ValueError:  # Optuna cannot tell a trial that another worker failed
+            if objective.lost is None:
+                raise
+            log.warning(f"trial {objective.lost} was taken over by another worker (no "
+                        "heartbeat from this one for the grace period); going on")
 
 
 def fail_stale(optuna_study: Any) -> None:
