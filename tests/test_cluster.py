@@ -120,6 +120,68 @@ def test_one_sweep_command_per_journal_folder(tmp_path, capsys):
     assert run_folders(out) == []
 
 
+def test_a_trial_gives_up_a_run_another_runs_or_a_place_past_the_budget(tmp_path):
+    from cifarlab.studies.spec import load_study
+    from cifarlab.studies.sweep import open_study
+    from cifarlab.studies.workers import Dropped, claim
+
+    study = load_study(write_study(tmp_path / "c.yaml"))
+    optuna_study = open_study(tmp_path, study, create=True)
+    first, second = optuna_study.ask(), optuna_study.ask()
+    for trial in (first, second):
+        trial.set_user_attr("run", "seed=0")
+    with pytest.raises(Dropped, match="trial 0 runs seed=0"):
+        claim(second, "seed=0", budget=2)  # the lower number keeps the run
+    claim(first, "seed=0", budget=2)
+    optuna_study.tell(first, 0.5)
+    third = optuna_study.ask()
+    third.set_user_attr("run", "seed=1")
+    with pytest.raises(Dropped, match="the budget of 1 runs is taken"):
+        claim(third, "seed=1", budget=1)
+    claim(third, "seed=1", budget=2)
+    dropped = [t.user_attrs.get("dropped") for t in optuna_study.get_trials()]
+    assert dropped[0] is None and dropped[1].startswith("trial 0") and "budget" in dropped[2]
+
+
+def test_a_run_lock_waits_for_a_live_holder_and_takes_a_dead_ones(tmp_path, monkeypatch):
+    import threading
+
+    from cifarlab.studies.workers import RunLock
+
+    monkeypatch.setenv("CIFARLAB_HEARTBEAT", "1,2")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = tmp_path / ".seed=0.lock"
+    lock.write_text(f"{socket.gethostname()}:{gone.pid}\n")  # a process of this host, gone
+    with RunLock(tmp_path, "seed=0"):
+        assert lock.read_text().strip() == f"{socket.gethostname()}:{os.getpid()}"
+    assert not lock.exists()
+    lock.write_text("elsewhere:1\n")  # another host's, touched just now
+    taken = threading.Event()
+
+    def take() -> None:
+        with RunLock(tmp_path, "seed=0"):
+            taken.set()
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    assert not taken.wait(1.0)  # its holder may be alive: wait
+    assert taken.wait(10)  # untouched for the grace period (2 s): taken over
+    thread.join(WAIT)
+
+
+def test_bad_worker_counts_are_refused(tmp_path, capsys, monkeypatch):
+    spec = write_study(tmp_path / "w.yaml")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "s"), "--workers", "0"]) == 2
+    assert "--workers 0: must be from 1 to 1024" in capsys.readouterr().err
+    monkeypatch.setenv("CIFARLAB_HEARTBEAT", "5,5")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "s"), "--storage",
+                 "postgresql://u@127.0.0.1:1/d"]) == 2
+    err = capsys.readouterr().err
+    assert "CIFARLAB_HEARTBEAT=5,5: give INTERVAL,GRACE" in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
 # ----------------------------------------------------------------- many machines: PostgreSQL
 
 def postgres_binaries() -> Path | None:

@@ -8,9 +8,9 @@ trials run elsewhere it waits, so that it can take over one whose worker dies. W
 --storage the same command on many machines joins the same study.
 
 Three rules keep the count exact with workers that start and finish at once:
-- `claim`: a trial gives its place up (FAIL, user attribute `dropped`) when another running
-  trial has the same run name (the grid sampler can hand one point to two workers at once),
-  or when the runs finished and running before it already make the budget;
+- `claim`: a trial gives its place up (FAIL, user attribute `dropped`) when a running trial
+  before it has the same run name (the grid sampler can hand one point to two workers at
+  once), or when the runs finished and running before it already make the budget;
 - `RunLock`: one process trains a run folder at a time. A retried trial (its worker lost its
   heartbeat) waits until the lost worker has left the run: the lock's holder is known dead
   (same host, no such process) or has not touched the lock for the grace period;
@@ -43,6 +43,7 @@ log = logging.getLogger("cifarlab")
 
 LOCK_FILE = ".sweep.lock"
 WAIT = 1.0  # seconds between looks at the study while the last trials run elsewhere
+CLAIM_WAIT = 30.0  # at most, for the trials before one to record their run names
 
 
 class Dropped(Exception):
@@ -94,8 +95,6 @@ def fail_stale(optuna_study: Any) -> None:
     period; the storage's callback queues each once more (storage.open_database)."""
     import optuna
 
-    if optuna_study._storage.__class__.__name__ != "RDBStorage":
-        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(optuna_study)
@@ -103,30 +102,37 @@ def fail_stale(optuna_study: Any) -> None:
 
 def claim(trial: Any, name: str, budget: int) -> None:
     """Keep the trial's place, or give it up (raise Dropped). Each trial records its run name
-    before it looks, so of two trials with one name, at least one sees the other."""
+    before it looks and waits until the running trials numbered before it have recorded
+    theirs; of two with one name, the lower number (or the one already past this) keeps it."""
     from optuna.trial import TrialState
 
     from cifarlab.studies.sweep import finished_runs
 
-    trials = trial.study.get_trials(deepcopy=False)
-    others = [t for t in trials if t.number != trial.number and "dropped" not in t.user_attrs]
-    running = [t for t in others if t.state == TrialState.RUNNING]
-    same = [t.number for t in running if t.user_attrs.get("run") == name]
+    deadline = time.monotonic() + CLAIM_WAIT
+    while True:
+        trials = trial.study.get_trials(deepcopy=False)
+        others = [t for t in trials
+                  if t.number != trial.number and "dropped" not in t.user_attrs]
+        running = [t for t in others if t.state == TrialState.RUNNING]
+        unnamed = [t for t in running if "run" not in t.user_attrs and t.number < trial.number]
+        if not unnamed or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    holders = [t for t in running if t.number < trial.number or "claimed" in t.user_attrs]
+    same = [t.number for t in holders if t.user_attrs.get("run") == name]
     done = finished_runs(others)
     why = None
     if same:
         why = f"trial {same[0]} runs {name}"
     elif name in done:
         why = f"{name} has finished"
-    else:
-        ahead = done | {t.user_attrs.get("run", f"#{t.number}") for t in running
-                        if t.number < trial.number}
-        if len(ahead) >= budget:
-            why = f"the budget of {budget} runs is taken"
+    elif len(done | {t.user_attrs.get("run", f"#{t.number}") for t in holders}) >= budget:
+        why = f"the budget of {budget} runs is taken"
     if why is not None:
         trial.set_user_attr("dropped", why)
         log.info(f"trial {trial.number}: given up ({why})")
         raise Dropped(why)
+    trial.set_user_attr("claimed", True)
 
 
 # ------------------------------------------------------------------------------ run lock
