@@ -2,13 +2,16 @@
 
 The study folder holds study.yaml (the study as first run), journal.log (Optuna's journal
 storage: every trial, its parameters, state and value) and one ordinary run folder per
-trial, named after the trial's settings and seed. One sweep at a time per study folder.
+trial, named after the trial's settings and seed. With the journal, one sweep command at a
+time drives a study folder (with --workers K it runs K worker processes); with --storage the
+trials live in a PostgreSQL/MySQL database and any number of commands join (storage.py,
+workers.py).
 
 Started again, a sweep continues the study: finished trials are kept, and a trial cut short
-(still RUNNING in the journal, or stopped by a signal) is tried again under the same name,
-resuming its run folder from last.pt; a run folder that already holds result.json is read,
-not trained again. The budget (`trials`) counts trials with an outcome (completed, pruned, or
-failed in training), so none is counted twice.
+(still RUNNING in the journal, stopped by a signal, or without a heartbeat in the database)
+is tried again under the same name, resuming its run folder from last.pt; a run folder that
+already holds result.json is read, not trained again. The budget (`trials`) counts the runs
+of trials with an outcome (completed, pruned, or failed in training), so none counts twice.
 """
 
 from __future__ import annotations
