@@ -106,6 +106,29 @@ def test_a_sweep_with_two_workers_killed_and_started_again_finishes_each_run_onc
     assert len(load(out)[1].get_trials()) == len(study.get_trials())  # nothing more to run
 
 
+def test_a_crashed_worker_is_reported_and_its_trial_run_by_the_other(tmp_path):
+    out = tmp_path / "study"
+    spec = write_study(tmp_path / "c.yaml", epochs=3, seeds=1)
+    sweep = start(sweep_command(spec, out, "--workers", "2"), tmp_path / "sweep.log")
+
+    def training_worker() -> int | None:  # a worker past its trial's first epoch
+        for lock in out.glob(".*.lock"):
+            holder = lock.read_text().strip().rpartition(":")[2] if lock.exists() else ""
+            if holder.isdigit() and (out / lock.name[1:-5] / "last.pt").is_file():
+                return int(holder)
+        return None
+
+    wait_for(lambda: training_worker() is not None, "a worker's first epoch")
+    victim = training_worker()
+    os.kill(victim, signal.SIGKILL)
+    assert finish(sweep) == 1  # the others finished the study; the crash is reported
+    text = (tmp_path / "sweep.log").read_text()
+    assert f"(pid {victim}) exited with code -9; its trial is queued again" in text
+    assert "training failed: worker" in text and "(resuming)" in text
+    _, study = load(out)
+    check_each_run_once(out, study.get_trials(), runs=2, epochs=3)
+
+
 def test_one_sweep_command_per_journal_folder(tmp_path, capsys):
     import fcntl
 
