@@ -16,6 +16,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/cifarlab train --preset seed $(ARGS)
 
 test: $(VENV)/.installed
+	.ci/postgres
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m pytest -q -n auto --dist worksteal
 

@@ -17,10 +17,10 @@
     cifarlab prune     CHECKPOINT|RUN_DIR (--target-macs F | --target-params F | --ratio R)
                        [--importance magnitude|taylor|bn-scale] [--steps K] [--round-to N]
                        [train's flags: --data, --epochs, --set KEY=VALUE, ...]
-    cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC]
-    cifarlab study     STUDY_DIR
+    cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC] [--workers K] [--storage URL]
+    cifarlab study     STUDY_DIR [--storage URL]
     cifarlab ablate    [--seeds N] [--variants A,B] [--out DIR] [--data SPEC] [--epochs N]
-                       [--limit N] [--device D] [--set KEY=VALUE ...]
+                       [--limit N] [--device D] [--set KEY=VALUE ...] [--workers K] [--storage URL]
 
 Settings resolve in this order, later ones winning: the preset, the --config YAML file,
 the dedicated flags (--epochs, --lr, ...), then each --set KEY=VALUE.
@@ -227,11 +227,18 @@ def add_study_commands(commands: Any) -> None:
                        help="the study folder (default runs/<study file name>)")
     sweep.add_argument("--data", metavar="SPEC", help="training images for every trial "
                        "[data.source]")
+    sweep.add_argument("--workers", type=int, metavar="K", help="trials at a time on this "
+                       "machine (one GPU each where there are K, else a share of the CPU)")
+    sweep.add_argument("--storage", metavar="URL", help="a PostgreSQL or MySQL database "
+                       "every machine reaches: the same command on each joins the study "
+                       "(default: the journal file in the study folder)")
+    sweep.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # one of --workers
 
     study = commands.add_parser(
         "study", help="a study's results by point: mean, sd and 95%% CI over seeds",
         description="Writes STUDY_DIR/study.md (also printed) and Optuna's figures beside it.")
     study.add_argument("folder", metavar="STUDY_DIR", help="the folder cifarlab sweep wrote")
+    study.add_argument("--storage", metavar="URL", help="the database the sweep used, if any")
     ablate = commands.add_parser(
         "ablate", help="the seed's enhancements added to the baseline one at a time and all "
                        "together, N seeds each; a study with error bars",
@@ -246,6 +253,10 @@ def add_study_commands(commands: Any) -> None:
     for flag in ("data", "epochs", "limit", "device"):
         key, kind, text = TRAIN_FLAGS[flag]
         ablate.add_argument("--" + flag, type=kind, help=f"{text} [{key}]")
+    ablate.add_argument("--workers", type=int, metavar="K",
+                        help="trials at a time, as cifarlab sweep --workers")
+    ablate.add_argument("--storage", metavar="URL", help="a database shared by many machines, "
+                        "as cifarlab sweep --storage")
     ablate.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="any setting for every variant, e.g. --set "
                         "model.width=16; one an enhancement changes sets the enhanced "
@@ -641,14 +652,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cifarlab.studies.sweep import sweep
 
-    sweep(args.study, out=args.out, data_source=args.data)
+    check_range("--workers", args.workers, 1, 1024, 4)
+    sweep(args.study, out=args.out, data_source=args.data, workers=args.workers or 1,
+          storage=args.storage, worker=args.worker)
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     from cifarlab.studies.summary import SUMMARY_FILE, summarize_study
 
-    text, notes = summarize_study(args.folder)
+    text, notes = summarize_study(args.folder, args.storage)
     print(text)
     for note in notes:
         print(note)
@@ -668,7 +681,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     names = None
     if args.variants is not None:
         names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    folder, text, notes = ablate(args.seeds, settings, args.out, names)
+    check_range("--workers", args.workers, 1, 1024, 4)
+    folder, text, notes = ablate(args.seeds, settings, args.out, names,
+                                 workers=args.workers or 1, storage=args.storage)
     print(text)
     for note in notes:
         print(note)

@@ -116,9 +116,11 @@ def ablation_study(seeds: int, settings: dict[str, Any],
 
 
 def ablate(seeds: int = 3, settings: dict[str, Any] | None = None, out: str | Path | None = None,
-           names: list[str] | None = None) -> tuple[Path, str, list[str]]:
-    """Write the ablation's study.yaml into `out`, run (or continue) it, and summarise it;
-    return the study folder, the summary's Markdown and notes on the files written."""
+           names: list[str] | None = None, *, workers: int = 1, storage: str | None = None
+           ) -> tuple[Path, str, list[str]]:
+    """Write the ablation's study.yaml into `out`, run (or continue) it with `workers` trials
+    at a time (in the database at `storage`, if given), and summarise it; return the study
+    folder, the summary's Markdown and notes on the files written."""
     study = ablation_study(seeds, dict(settings or {}), names)
     folder = Path(out if out is not None else DEFAULT_OUT)
     check_folder(folder, study, "ablate")
@@ -128,8 +130,8 @@ def ablate(seeds: int = 3, settings: dict[str, Any] | None = None, out: str | Pa
         text = yaml.safe_dump(study.to_dict(), sort_keys=False).encode()
         checkpoint.write_atomic(stored, lambda f: f.write(text))
     log.info(f"ablation {folder}: {', '.join(study.variants)}; {seeds} seed(s) each")
-    sweep(stored, out=folder)
-    text, notes = summarize_study(folder)
+    sweep(stored, out=folder, workers=workers, storage=storage)
+    text, notes = summarize_study(folder, storage)
     return folder, text, notes
 
 

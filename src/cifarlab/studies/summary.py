@@ -61,14 +61,15 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else cfg._show(value)
 
 
-def load(folder: Path) -> tuple[Study, Any]:
-    """The study spec and its Optuna study, or a one-line error."""
+def load(folder: Path, storage: str | None = None) -> tuple[Study, Any]:
+    """The study spec and its Optuna study (in the journal, or the database at `storage`),
+    or a one-line error."""
     stored = folder / STUDY_FILE
-    if not stored.is_file() or not (folder / JOURNAL_FILE).is_file():
+    if not stored.is_file() or storage is None and not (folder / JOURNAL_FILE).is_file():
         raise UserError(f"{folder}: not a study folder (no {STUDY_FILE} and {JOURNAL_FILE}); "
                         "give the folder cifarlab sweep wrote")
     study = parse_study(cfg.load_yaml(stored, where=str(stored)), str(stored))
-    return study, open_study(folder, study, create=False)
+    return study, open_study(folder, study, create=False, storage=storage)
 
 
 def is_ablation(study: Study) -> bool:
@@ -394,10 +395,10 @@ def _study_code(study: Study) -> Block:
     return Code(yaml.safe_dump(study.to_dict(), sort_keys=False).rstrip())
 
 
-def summarize_study(folder: str | Path) -> tuple[str, list[str]]:
+def summarize_study(folder: str | Path, storage: str | None = None) -> tuple[str, list[str]]:
     """Write STUDY_DIR/study.md, study.html and the figures; return the Markdown and notes."""
     folder = Path(folder)
-    study, optuna_study = load(folder)
+    study, optuna_study = load(folder, storage)
     found, states = points(folder, study, optuna_study)
     figures: dict[str, bytes] = {}
     notes: list[str] = []

@@ -2,20 +2,25 @@
 
 The study folder holds study.yaml (the study as first run), journal.log (Optuna's journal
 storage: every trial, its parameters, state and value) and one ordinary run folder per
-trial, named after the trial's settings and seed. One sweep at a time per study folder.
+trial, named after the trial's settings and seed. With the journal, one sweep command at a
+time drives a study folder (with --workers K it runs K worker processes); with --storage the
+trials live in a PostgreSQL/MySQL database and any number of commands join (storage.py,
+workers.py).
 
 Started again, a sweep continues the study: finished trials are kept, and a trial cut short
-(still RUNNING in the journal, or stopped by a signal) is tried again under the same name,
-resuming its run folder from last.pt; a run folder that already holds result.json is read,
-not trained again. The budget (`trials`) counts trials with an outcome (completed, pruned, or
-failed in training), so none is counted twice.
+(still RUNNING in the journal, stopped by a signal, or without a heartbeat in the database)
+is tried again under the same name, resuming its run folder from last.pt; a run folder that
+already holds result.json is read, not trained again. The budget (`trials`) counts the runs
+of trials with an outcome (completed, pruned, or failed in training), so none counts twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -26,11 +31,11 @@ from cifarlab import config as cfg
 from cifarlab.errors import TrainingFailed, UserError
 from cifarlab.runs import METRICS_FILE, RESULT_FILE, read_run
 from cifarlab.studies.spec import VARIANT, Range, Study, load_study, parse_study
+from cifarlab.studies.storage import JOURNAL_FILE  # noqa: F401 (summary imports it here)
 
 log = logging.getLogger("cifarlab")
 
 STUDY_FILE = "study.yaml"
-JOURNAL_FILE = "journal.log"
 STUDY_NAME = "study"
 MAX_NAME = 200  # bytes of a run folder name, a hash suffix beyond
 
@@ -54,26 +59,56 @@ def _short(value: Any) -> str:
     return cfg._show(value)
 
 
-def open_study(folder: Path, study: Study, *, create: bool) -> Any:
-    """The Optuna study stored in `folder` (created when `create`)."""
+def open_study(folder: Path, study: Study, *, create: bool, storage: str | None = None) -> Any:
+    """The Optuna study stored in `folder`'s journal, or in the database at `storage` (a
+    PostgreSQL or MySQL URL) under the folder's name; created when `create`."""
     import optuna
-    from optuna.storages import JournalStorage
 
-    try:
-        from optuna.storages.journal import JournalFileBackend
-    except ImportError:  # optuna < 4.0
-        from optuna.storages import JournalFileStorage as JournalFileBackend
+    from cifarlab.studies.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL_FILE)))
+    backend = open_storage(folder, storage)
+    name = study_name(folder, storage)
     if not create:
-        return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        try:
+            return optuna.load_study(study_name=name, storage=backend)
+        except KeyError:
+            raise UserError(f"{folder}: no study '{name}' in {mask(storage)}; give the --storage "
+                            "that cifarlab sweep used") from None
     n_before = 0
     with contextlib.suppress(KeyError):  # KeyError: no study stored yet
-        n_before = len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials)
-    return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
-                               load_if_exists=True, sampler=make_sampler(study, n_before),
-                               pruner=make_pruner(study))
+        n_before = len(optuna.load_study(study_name=name, storage=backend).trials)
+    opened = optuna.create_study(study_name=name, storage=backend, direction="maximize",
+                                 load_if_exists=True, sampler=make_sampler(study, n_before),
+                                 pruner=make_pruner(study))
+    if storage is not None:
+        check_stored_design(opened, study, folder, storage)
+    return opened
+
+
+def study_name(folder: Path, storage: str | None) -> str:
+    """The journal holds one study; a database holds many, each named after its folder."""
+    return STUDY_NAME if storage is None else f"cifarlab:{Path(folder).resolve().name}"
+
+
+def mask(storage: str | None) -> str:
+    from cifarlab.studies.storage import masked
+
+    return "the journal" if storage is None else masked(storage)
+
+
+def check_stored_design(opened: Any, study: Study, folder: Path, storage: str) -> None:
+    """A database study keeps its design as a user attribute; another design is refused."""
+    stored = opened.user_attrs.get("design")
+    new = json.loads(json.dumps(study.design()))
+    if stored is None:
+        opened.set_user_attr("design", new)
+        return
+    changed = [k for k in new if stored.get(k) != new[k]]
+    if changed:
+        raise UserError(f"--storage {mask(storage)}: its study '{opened.study_name}' differs "
+                        f"from this file in {', '.join(changed)}; give another --out (the "
+                        "study is named after its folder), or the same study")
 
 
 def make_sampler(study: Study, n_before: int) -> Any:
@@ -112,61 +147,92 @@ def check_folder(folder: Path, study: Study, where: str) -> None:
         if changed:
             raise UserError(f"{where}: the study in {folder} differs from this file in "
                             f"{', '.join(changed)}; give another --out, or the same study")
-    elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    elif folder.exists() and (not folder.is_dir() or any(p.name != ".sweep.lock"
+                                                          for p in folder.iterdir())):
         raise UserError(f"--out {folder}: exists and is not a study folder (no {STUDY_FILE}); "
                         "give another --out")
 
 
 def sweep(study_file: str | Path, out: str | Path | None = None,
-          data_source: str | None = None) -> Path:
-    """Run (or continue) the study in `study_file`; return the study folder."""
+          data_source: str | None = None, *, workers: int = 1, storage: str | None = None,
+          worker: int | None = None) -> Path:
+    """Run (or continue) the study in `study_file` with `workers` trials at a time; return
+    the study folder. `storage`: a database URL (many machines) instead of the journal;
+    `worker`: this process is worker number `worker` of a sweep with several."""
+    from cifarlab.studies import workers as pool
+
     study = load_study(study_file, data_source)
     folder = Path(out) if out is not None else Path("runs") / Path(study_file).stem
-    check_folder(folder, study, str(study_file))
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / STUDY_FILE).is_file():
-        import yaml
+    if worker is not None:
+        if "OMP_NUM_THREADS" in os.environ:  # its share of the CPU's threads
+            import torch
 
-        (folder / STUDY_FILE).write_text(yaml.safe_dump(study.to_dict(), sort_keys=False))
-    optuna_study = open_study(folder, study, create=True)
-    retry_cut_short(optuna_study, study)
-    finished = count_finished(optuna_study)
-    todo = study.budget() - finished
-    log.info(f"study {folder}: {finished} of {study.budget()} trials finished")
-    if todo > 0:
-        objective = Objective(study, folder)
-        optuna_study.optimize(objective, n_trials=todo, catch=(TrainingFailed,))
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return pool.work(open_study(folder, study, create=True, storage=storage), study,
+                         folder, index=worker)
+    check_folder(folder, study, str(study_file))
+    with pool.folder_lock(folder, storage):
+        optuna_study = None
+        if storage is not None:  # reach the database before writing anything
+            optuna_study = open_study(folder, study, create=True, storage=storage)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / STUDY_FILE).is_file():
+            import yaml
+
+            from cifarlab.checkpoint import write_atomic
+
+            text = yaml.safe_dump(study.to_dict(), sort_keys=False).encode()
+            write_atomic(folder / STUDY_FILE, lambda f: f.write(text))
+        if optuna_study is None:
+            optuna_study = open_study(folder, study, create=True)
+        retry_cut_short(optuna_study, study, running=storage is None)
+        finished = count_finished(optuna_study)
+        log.info(f"study {folder}: {finished} of {study.budget()} trials finished")
+        if finished < study.budget():
+            if workers == 1:
+                pool.work(optuna_study, study, folder)
+            else:
+                pool.run_workers(optuna_study, study, folder, workers, study_file,
+                                 data_source, storage)
     log.info(f"study {folder}: {count_finished(optuna_study)} of {study.budget()} trials "
              f"finished; summary: cifarlab study {folder}")
     return folder
 
 
-def count_finished(optuna_study: Any) -> int:
-    """Trials with an outcome: completed, pruned, or failed in training (a NaN loss)."""
+def finished_runs(trials: list[Any]) -> set[str]:
+    """Run names of the trials with an outcome: completed, pruned, or failed in training (a
+    NaN loss). A run two trials reached (a retry of a trial its worker lost) counts once."""
     from optuna.trial import TrialState
 
-    return sum(1 for t in optuna_study.get_trials(deepcopy=False)
-               if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or t.state == TrialState.FAIL and "failed" in t.user_attrs)
+    return {t.user_attrs.get("run", f"#{t.number}") for t in trials
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or t.state == TrialState.FAIL and "failed" in t.user_attrs}
 
 
-def retry_cut_short(optuna_study: Any, study: Study) -> None:
-    """Queue again each trial cut short: RUNNING in the journal (its process is gone: one
-    sweep at a time per folder) or FAIL without a training failure of its own."""
+def count_finished(optuna_study: Any) -> int:
+    return len(finished_runs(optuna_study.get_trials(deepcopy=False)))
+
+
+def retry_cut_short(optuna_study: Any, study: Study, *, running: bool = True,
+                    only: Any = None) -> None:
+    """Queue again each trial cut short: RUNNING in the journal when `running` (no worker
+    of this folder is alive now), or FAIL without a training failure of its own (stopped by
+    a signal). `only`: a test of the trials to look at (those of one dead worker)."""
     from optuna.trial import TrialState
 
     storage = optuna_study._storage
-    trials = optuna_study.get_trials(deepcopy=False)
+    trials = [t for t in optuna_study.get_trials(deepcopy=False) if only is None or only(t)]
     for t in trials:
-        if t.state == TrialState.RUNNING:
+        if running and t.state == TrialState.RUNNING:
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     trials = optuna_study.get_trials(deepcopy=False)
     settled = {t.user_attrs.get("run") for t in trials
-               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING)}
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING,
+                              TrialState.RUNNING)}
     for t in trials:
         run = t.user_attrs.get("run")
         if (t.state == TrialState.FAIL and run is not None and run not in settled
-                and "failed" not in t.user_attrs):
+                and "failed" not in t.user_attrs and "dropped" not in t.user_attrs):
             params = dict(t.params)
             optuna_study.enqueue_trial(params, user_attrs={"seed": t.user_attrs["seed"]})
             settled.add(run)
@@ -179,8 +245,11 @@ class Objective:
     def __init__(self, study: Study, folder: Path) -> None:
         self.study = study
         self.folder = folder
+        self.lost: int | None = None  # a trial another worker took over while this one ran
 
-    def suggest(self, trial: Any) -> tuple[dict[str, Any], int]:
+    def suggest(self, trial: Any) -> tuple[dict[str, Any], int, bool]:
+        """The trial's point and seed, and whether the point is new (its other seeds are
+        queued once the trial holds its place)."""
         params: dict[str, Any] = {}
         for key, axis in self.study.axes().items():
             if isinstance(axis, Range):
@@ -192,24 +261,42 @@ class Objective:
             else:
                 params[key] = trial.suggest_categorical(key, axis)
         if self.study.sampler == "grid":
-            seed = trial.suggest_categorical("seed", list(range(self.study.seeds)))
-        elif "seed" in trial.user_attrs:  # a repeat of a point, queued with its seed
-            seed = trial.user_attrs["seed"]
-        else:  # a new point: seed 0 here, the other seeds queued as trials of their own
-            seed = 0
-            for other in range(1, self.study.seeds):
-                trial.study.enqueue_trial(params, user_attrs={"seed": other})
-        return params, int(seed)
+            seeds = list(range(self.study.seeds))
+            return params, int(trial.suggest_categorical("seed", seeds)), False
+        if "seed" in trial.user_attrs:  # a repeat of a point, queued with its seed
+            return params, int(trial.user_attrs["seed"]), False
+        return params, 0, True  # a new point: seed 0 here, the others trials of their own
 
     def __call__(self, trial: Any) -> float:
+        from cifarlab.studies.workers import Dropped, RunLock, claim, worker_id
+
+        params, seed, new_point = self.suggest(trial)
+        name = run_name(params, seed)
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("run", name)
+        trial.set_user_attr("worker", worker_id())
+        claim(trial, name, self.study.budget())  # raises Dropped if another trial has it
+        if new_point:
+            for other in range(1, self.study.seeds):
+                trial.study.enqueue_trial(params, user_attrs={"seed": other})
+        import optuna
+
+        with RunLock(self.folder, name):
+            try:
+                value = self.train(trial, params, seed, name)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                value = None
+            if value is None or trial.study._storage.get_trial(trial._trial_id).state.is_finished():
+                # Another worker failed it (no heartbeat for the grace period) and retries it.
+                self.lost = trial.number
+                raise Dropped(f"trial {trial.number}: {name} was given to another worker")
+            return value
+
+    def train(self, trial: Any, params: dict[str, Any], seed: int, name: str) -> float:
         import optuna
 
         from cifarlab.train import fit
 
-        params, seed = self.suggest(trial)
-        name = run_name(params, seed)
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("run", name)
         config = self.study.config_for(params, seed)
         config = cfg.apply_dict(config, {"out": str(self.folder), "name": name})
         run_dir = self.folder / name
