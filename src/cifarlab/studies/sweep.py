@@ -23,12 +23,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
 
 from cifarlab import config as cfg
-from cifarlab.errors import TrainingFailed, UserError
+from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.runs import METRICS_FILE, RESULT_FILE, read_run
 from cifarlab.studies.spec import VARIANT, Range, Study, load_study, parse_study
 from cifarlab.studies.storage import JOURNAL_FILE  # noqa: F401 (summary imports it here)
@@ -260,6 +261,7 @@ class Objective:
         self.study = study
         self.folder = folder
         self.lost: int | None = None  # a trial another worker took over while this one ran
+        self.stops: list[int] = []  # the signals seen by its trainings (workers.work)
 
     def suggest(self, trial: Any) -> tuple[dict[str, Any], int, bool]:
         """The trial's point and seed, and whether the point is new (its other seeds are
@@ -301,7 +303,13 @@ class Objective:
             except optuna.exceptions.UpdateFinishedTrialError:
                 value = None
             if value is None or trial.study._storage.get_trial(trial._trial_id).state.is_finished():
-                # Another worker failed it (no heartbeat for the grace period) and retries it.
+                # Another worker failed it (no heartbeat for the grace period) and retries it;
+                # or the sweep started again (this worker's was killed) failed it while a
+                # signal stopped this worker: its last.pt is saved, it stops (workers.work).
+                if self.stops:
+                    raise TrainingInterrupted(f"trial {trial.number}: {name} stopped by "
+                                              f"{signal.Signals(self.stops[0]).name}",
+                                              self.stops[0])
                 self.lost = trial.number
                 raise Dropped(f"trial {trial.number}: {name} was given to another worker")
             return value
