@@ -106,6 +106,40 @@ def test_a_sweep_with_two_workers_killed_and_started_again_finishes_each_run_onc
     assert len(load(out)[1].get_trials()) == len(study.get_trials())  # nothing more to run
 
 
+def test_a_worker_signalled_as_the_sweep_started_again_fails_its_trial_stops_there(
+        tmp_path, monkeypatch, capsys):
+    """The race above, made certain: SIGTERM reaches a worker in its trial's last steps, and
+    the sweep started again marks the trial failed before the worker reports the epoch. The
+    worker stops with its last.pt saved; it does not take the trial for lost to another
+    worker and go on to train the others."""
+    from cifarlab import checkpoint, train
+    from cifarlab.studies.spec import load_study
+    from cifarlab.studies.sweep import open_study, retry_cut_short
+
+    out = tmp_path / "study"
+    spec = write_study(tmp_path / "r.yaml", epochs=2, seeds=1)
+    real_fit = train.fit
+
+    def signalled(config, resume=None, on_epoch=None):
+        def hook(epoch, row):
+            os.kill(os.getpid(), signal.SIGTERM)
+            study = load_study(spec)
+            retry_cut_short(open_study(out, study, create=False), study)  # started again
+            on_epoch(epoch, row)  # Optuna refuses a report of a failed trial
+
+        return real_fit(config, resume=resume, on_epoch=hook)
+
+    monkeypatch.setattr(train, "fit", signalled)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    (run,) = run_folders(out)  # no other trial started
+    assert list(checkpoint.load(out / run / "last.pt")["train_state"]["position"]) == [2, 0]
+    monkeypatch.setattr(train, "fit", real_fit)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert "(resuming)" in capsys.readouterr().out
+    check_each_run_once(out, load(out)[1].get_trials(), runs=2, epochs=2)
+
+
 def test_a_crashed_worker_is_reported_and_its_trial_run_by_the_other(tmp_path):
     out = tmp_path / "study"
     spec = write_study(tmp_path / "c.yaml", epochs=3, seeds=1)

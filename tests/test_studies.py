@@ -4,6 +4,8 @@ again), the statistics and the summary, and fit's on_epoch callback they rely on
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import optuna
@@ -158,6 +160,56 @@ def test_a_trial_cut_short_is_resumed_from_its_last_checkpoint(tmp_path, monkeyp
     assert len((run / "metrics.csv").read_text().splitlines()) == 3  # epochs 1 and 2 once
     done = [t for t in trials(out) if t.state.name == "COMPLETE"][0]
     assert sorted(done.intermediate_values) == [1, 2]  # epoch 1 replayed from metrics.csv
+
+
+def test_a_grid_study_stopped_in_its_first_trial_resumes_it_then_runs_the_rest(
+        tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    spec = write_study(tmp_path / "g.yaml", settings={**TINY, "epochs": 2},
+                       space={"optim.label_smoothing": [0.0, 0.1]})
+    real_fit = train.fit
+
+    def signalled(config, resume=None, on_epoch=None):
+        def hook(epoch, row):
+            on_epoch(epoch, row)
+            os.kill(os.getpid(), signal.SIGTERM)  # the sweep is stopped after epoch 1
+
+        return real_fit(config, resume=resume, on_epoch=hook)
+
+    monkeypatch.setattr(train, "fit", signalled)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 143
+    monkeypatch.setattr(train, "fit", real_fit)
+    capsys.readouterr()
+    # The retried trial is queued, so Optuna's grid sampler gives it no grid id.
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert "(resuming)" in capsys.readouterr().out
+    assert states(out) == ["COMPLETE", "COMPLETE", "FAIL"]
+    for run in run_folders(out):  # epochs 1 and 2, each once
+        assert len((out / run / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_a_signal_in_a_trials_last_epoch_finishes_it_and_stops_the_sweep_there(
+        tmp_path, monkeypatch, capsys):
+    out = tmp_path / "study"
+    spec = write_study(tmp_path / "s.yaml", space={"optim.label_smoothing": [0.0, 0.1]})
+    real_fit = train.fit
+
+    def signalled(config, resume=None, on_epoch=None):
+        def hook(epoch, row):  # epochs: 1, so after the last one, while the run finishes
+            os.kill(os.getpid(), signal.SIGTERM)
+            on_epoch(epoch, row)
+
+        return real_fit(config, resume=resume, on_epoch=hook)
+
+    monkeypatch.setattr(train, "fit", signalled)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    (run,) = run_folders(out)  # the next trial never started
+    assert (out / run / "result.json").is_file()  # not a last.pt past the run's end
+    assert states(out) == ["COMPLETE"]
+    monkeypatch.setattr(train, "fit", real_fit)
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert states(out) == ["COMPLETE", "COMPLETE"] and len(run_folders(out)) == 2
 
 
 def test_tpe_study_repeats_each_point_over_its_seeds(tmp_path, capsys):

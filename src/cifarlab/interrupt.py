@@ -7,6 +7,10 @@ hung oneDNN kernel), the process exits on its own, with that code and the stacks
 threads on stderr. Checkpoints are written atomically, so exiting at any instant leaves the
 ones from before intact.
 
+A loop of several trainings (a sweep's worker) watches the signals in `signals_seen`: one
+that came during a training stops the loop even when that training ended another way (it
+had just finished, or its caller's callback raised first).
+
 Python runs a signal handler only in the main thread between bytecodes, so a main thread
 stuck inside one native call never runs it. CPython's C-level handler also writes each
 signal's number to a "wakeup fd" (signal.set_wakeup_fd); a watcher thread reads it there
@@ -15,23 +19,38 @@ and acts without the main thread (PyTorch releases the GIL inside its kernels).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import select
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 _last_progress = time.monotonic()
 _DONE = 0  # written to the wakeup pipe by __exit__ (no signal has the number 0)
+_seen: list[list[int]] = []  # the lists of the open `signals_seen` blocks
 
 
 def heartbeat() -> None:
     """Called after each finished batch (training and evaluation): the process is moving."""
     global _last_progress
     _last_progress = time.monotonic()
-_DONE = 0  # written to the wakeup pipe by __exit__ (no signal has the number 0)
+
+
+@contextlib.contextmanager
+def signals_seen() -> Iterator[list[int]]:
+    """The first signal that each StopRequest entered within the block records, in the order
+    they came. Between StopRequests the signals keep their defaults: SIGTERM ends the process
+    at once, SIGINT raises KeyboardInterrupt."""
+    seen: list[int] = []
+    _seen.append(seen)
+    try:
+        yield seen
+    finally:
+        _seen[:] = [s for s in _seen if s is not seen]
 
 
 class StopRequest:
@@ -51,8 +70,13 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Runs in the main thread when it can; the watcher counts signals and exits.
+        self._record(signum)
+
+    def _record(self, signum: int) -> None:
         if self.signum is None:
             self.signum = signum
+            for seen in _seen:
+                seen.append(signum)
 
     def _watch(self, read_fd: int) -> None:
         received: list[int] = []
@@ -76,8 +100,7 @@ class StopRequest:
                     continue
                 if not received:
                     self._first_at = time.monotonic()
-                    if self.signum is None:
-                        self.signum = signum
+                    self._record(signum)
                 received.append(signum)
                 if len(received) >= 2:
                     self._exit(signum, f"second signal ({signal.Signals(signum).name})")

@@ -694,8 +694,11 @@ def _train(
         if on_epoch is not None and world.is_main:
             on_epoch(epoch, dict(row))
 
+        # A stop after the last epoch lets the run finish: a last.pt past its end cannot be
+        # resumed.
+        last = epoch == config.epochs or progress.early_stopping.should_stop
         stop_now = torch.tensor(float(stop.signum is not None), device=device)
-        if distributed.all_reduce(stop_now, "max") > 0:
+        if not last and distributed.all_reduce(stop_now, "max") > 0:
             distributed.barrier()
             raise interrupted(epoch + 1, 0)
         if progress.early_stopping.should_stop:

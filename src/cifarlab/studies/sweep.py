@@ -23,12 +23,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
 
 from cifarlab import config as cfg
-from cifarlab.errors import TrainingFailed, UserError
+from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.runs import METRICS_FILE, RESULT_FILE, read_run
 from cifarlab.studies.spec import VARIANT, Range, Study, load_study, parse_study
 from cifarlab.studies.storage import JOURNAL_FILE  # noqa: F401 (summary imports it here)
@@ -120,10 +121,24 @@ def make_sampler(study: Study, n_before: int) -> Any:
     if study.sampler == "grid":
         space: dict[str, list[Any]] = {k: list(v) for k, v in study.axes().items()}
         space["seed"] = list(range(study.seeds))
-        return optuna.samplers.GridSampler(space, seed=0)
+        return grid_sampler(space)
     if study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=n_before)
     return optuna.samplers.TPESampler(seed=n_before)
+
+
+def grid_sampler(space: dict[str, list[Any]]) -> Any:
+    """Optuna's grid sampler, save that a trial queued again (a retry: Optuna gives it no grid
+    id) ends without a KeyError when one point of the grid is left (optuna/optuna#6844). Its
+    after_trial only stops the study's loop, which here runs one trial at a time."""
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
+                super().after_trial(study, trial, state, values)
+
+    return Grid(space, seed=0)
 
 
 def make_pruner(study: Study) -> Any:
@@ -246,6 +261,7 @@ class Objective:
         self.study = study
         self.folder = folder
         self.lost: int | None = None  # a trial another worker took over while this one ran
+        self.stops: list[int] = []  # the signals seen by its trainings (workers.work)
 
     def suggest(self, trial: Any) -> tuple[dict[str, Any], int, bool]:
         """The trial's point and seed, and whether the point is new (its other seeds are
@@ -287,7 +303,13 @@ class Objective:
             except optuna.exceptions.UpdateFinishedTrialError:
                 value = None
             if value is None or trial.study._storage.get_trial(trial._trial_id).state.is_finished():
-                # Another worker failed it (no heartbeat for the grace period) and retries it.
+                # Another worker failed it (no heartbeat for the grace period) and retries it;
+                # or the sweep started again (this worker's was killed) failed it while a
+                # signal stopped this worker: its last.pt is saved, it stops (workers.work).
+                if self.stops:
+                    raise TrainingInterrupted(f"trial {trial.number}: {name} stopped by "
+                                              f"{signal.Signals(self.stops[0]).name}",
+                                              self.stops[0])
                 self.lost = trial.number
                 raise Dropped(f"trial {trial.number}: {name} was given to another worker")
             return value

@@ -19,7 +19,7 @@ Three rules keep the count exact with workers that start and finish at once:
 With the journal (no --storage) one sweep command at a time drives a study folder; the
 workers are its children. A worker that crashes is reported, its trial queued again for
 the others, and the command exits 1 at the end; Ctrl-C or SIGTERM is passed on to every
-worker, which saves its run's last.pt and stops.
+worker, which saves its run's last.pt and stops, starting no other trial (`work`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import TrainingFailed, UserError
+from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 
 log = logging.getLogger("cifarlab")
 
@@ -57,37 +57,53 @@ def worker_id() -> str:
 # ------------------------------------------------------------------------ one worker's loop
 
 def work(optuna_study: Any, study: Any, folder: Path, index: int | None = None) -> Path:
-    """Run trials until the study has `study.budget()` finished runs."""
+    """Run trials until the study has `study.budget()` finished runs. A SIGINT/SIGTERM
+    stops it: during a trial's training once its last.pt is saved, at once elsewhere; a
+    signal that came during a trial which then ended another way (it finished, was pruned,
+    or was taken over) stops it before the next."""
     from optuna.trial import TrialState
 
+    from cifarlab.interrupt import signals_seen
     from cifarlab.studies.sweep import Objective, finished_runs, make_sampler
 
     if index is not None:  # workers started together must not propose the same points
         optuna_study.sampler = make_sampler(study, len(optuna_study.trials) * 131 + index)
     objective = Objective(study, folder)
     budget = study.budget()
-    while True:
-        fail_stale(optuna_study)
-        trials = optuna_study.get_trials(deepcopy=False)
-        done = finished_runs(trials)
-        if len(done) >= budget:
-            return folder
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        running = [t for t in trials if t.state == TrialState.RUNNING]
-        busy = done | {t.user_attrs.get("run", f"#{t.number}") for t in running}
-        if not waiting and len(busy) >= budget:
-            if not running:
+    with signals_seen() as stops:
+        objective.stops = stops
+        while True:
+            if stops:
+                raise stopped(stops[0], folder)
+            fail_stale(optuna_study)
+            trials = optuna_study.get_trials(deepcopy=False)
+            done = finished_runs(trials)
+            if len(done) >= budget:
                 return folder
-            time.sleep(WAIT)
-            continue
-        objective.lost = None
-        try:
-            optuna_study.optimize(objective, n_trials=1, catch=(TrainingFailed, Dropped))
-        except ValueError:  # Optuna cannot tell a trial that another worker failed
-            if objective.lost is None:
-                raise
-            log.warning(f"trial {objective.lost} was taken over by another worker (no "
-                        "heartbeat from this one for the grace period); going on")
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            busy = done | {t.user_attrs.get("run", f"#{t.number}") for t in running}
+            if not waiting and len(busy) >= budget:
+                if not running:
+                    return folder
+                time.sleep(WAIT)
+                continue
+            objective.lost = None
+            try:
+                optuna_study.optimize(objective, n_trials=1, catch=(TrainingFailed, Dropped))
+            except ValueError:  # Optuna cannot tell a trial that another worker failed
+                if stops:
+                    raise stopped(stops[0], folder) from None
+                if objective.lost is None:
+                    raise
+                log.warning(f"trial {objective.lost} was taken over by another worker (no "
+                            "heartbeat from this one for the grace period); going on")
+
+
+def stopped(signum: int, folder: Path) -> TrainingInterrupted:
+    return TrainingInterrupted(f"stopped by {signal.Signals(signum).name}; the trials' runs "
+                               f"are saved in {folder}; run the same command to continue the "
+                               "study", signum)
 
 
 def fail_stale(optuna_study: Any) -> None:
@@ -287,7 +303,6 @@ def run_workers(optuna_study: Any, study: Any, folder: Path, workers: int, study
     """Start `workers` worker processes and wait for them; pass a signal on to each."""
     import subprocess
 
-    from cifarlab.errors import TrainingInterrupted
     from cifarlab.studies.sweep import retry_cut_short
 
     procs: list[subprocess.Popen[bytes]] = []
