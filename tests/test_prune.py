@@ -252,3 +252,22 @@ def test_a_pruned_checkpoint_quantizes(pruned_run, tmp_path):
                                 ).get_modelmeta().custom_metadata_map
     best = checkpoint.load(pruned_run / "best.pt")
     assert json.loads(meta["architecture"]) == best["model_args"]
+
+
+def test_a_pruned_model_fine_tunes_with_its_parent_as_teacher_and_teaches_in_turn(
+        trained_run, pruned_run, tmp_path):
+    assert main(["prune", str(trained_run), "--target-macs", "0.6", "--round-to", "2",
+                 "--epochs", "1", "--teacher", str(trained_run), "--out", str(tmp_path),
+                 "--name", "kd"]) == 0
+    result = json.loads((tmp_path / "kd" / "result.json").read_text())
+    parent = checkpoint.load(trained_run / "best.pt")
+    assert result["teacher"]["run_id"] == parent["run_id"]
+    assert result["teacher"]["model_args"] == parent["model_args"]
+    assert LAYERS in checkpoint.load(tmp_path / "kd" / "best.pt")["model_args"]
+    # A pruned checkpoint is a teacher like any other: its architecture is in its model_args.
+    assert main(["train", "--data", "synthetic:300", "--epochs", "1", "--workers", "0",
+                 "--batch-size", "64", "--model", "mobilenetv2", "--set", "model.width=4",
+                 "--teacher", str(pruned_run), "--out", str(tmp_path), "--name", "student"]) == 0
+    student = json.loads((tmp_path / "student" / "result.json").read_text())
+    assert student["teacher"]["model_args"] == checkpoint.load(pruned_run / "best.pt")[
+        "model_args"]
