@@ -179,7 +179,8 @@ def test_a_grid_study_stopped_in_its_first_trial_resumes_it_then_runs_the_rest(
     monkeypatch.setattr(train, "fit", signalled)
     assert main(["sweep", str(spec), "--out", str(out)]) == 143
     monkeypatch.setattr(train, "fit", real_fit)
-    capsys.readouterr()
+    err = capsys.readouterr().err  # a sweep is continued by the sweep, not by train --resume
+    assert "run the same command to continue the study" in err and "--resume" not in err
     # The retried trial is queued, so Optuna's grid sampler gives it no grid id.
     assert main(["sweep", str(spec), "--out", str(out)]) == 0
     assert "(resuming)" in capsys.readouterr().out

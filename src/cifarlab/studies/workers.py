@@ -91,6 +91,8 @@ def work(optuna_study: Any, study: Any, folder: Path, index: int | None = None) 
             objective.lost = None
             try:
                 optuna_study.optimize(objective, n_trials=1, catch=(TrainingFailed, Dropped))
+            except TrainingInterrupted as e:  # continued by the sweep, not by train --resume
+                raise stopped(e.exit_code - 128, folder) from None
             except ValueError:  # Optuna cannot tell a trial that another worker failed
                 if stops:
                     raise stopped(stops[0], folder) from None
