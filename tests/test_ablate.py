@@ -170,29 +170,6 @@ def test_ablate_runs_the_variants_and_its_table_matches_the_run_folders(tmp_path
 
 # -------------------------------------------------------------------------------- bad input
 
-BAD = [
-    ({"variants": {"a": {"optim.lrr": 0.1}}}, "variant a: unknown setting 'optim.lrr'"),
-    ({"variants": {}}, "one variant or more"),
-    ({"variants": {"../up": {}}}, "variant name '../up'"),
-    ({"variants": {"a,b": {}}}, "variant name 'a,b'"),
-    ({"variants": {"a": {"optim.lr": 0.05}}, "space": {"optim.lr": [0.1, 0.2]}},
-     "'optim.lr' is both set by variant a and varied in space"),
-    ({"variants": {"a": {"seed": 3}}}, "variant a: 'seed' is set by the study itself"),
-    ({"variants": {"a": {"optim.label_smoothing": 2.0}}}, "optim.label_smoothing"),
-    ({"variants": {"a": [1]}}, "variant a must be a mapping"),
-]
-
-
-@pytest.mark.parametrize(("fields", "message"), BAD, ids=[m for _, m in BAD])
-def test_bad_variants_are_refused_in_one_line(tmp_path, capsys, fields, message):
-    spec = write_study(tmp_path / "bad.yaml", **fields)
-    out = tmp_path / "study"
-    assert main(["sweep", str(spec), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-    assert not out.exists()
-
-
 BAD_ABLATE = [
     (["--variants", "augmnet"], "unknown variant 'augmnet'"),
     (["--set", "seed=1"], "--set seed: each variant runs seeds 0 to N-1"),

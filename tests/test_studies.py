@@ -275,6 +275,16 @@ BAD = [
     ({"space": {"seed": [0, 1]}}, "seeds: N"),
     ({"seeds": 0}, "seeds must be an integer"),
     ({"sampler": "random", "space": {"optim.lr": [0.1]}}, "needs a budget"),
+    # variants: named bundles of settings (cifarlab ablate writes such a study)
+    ({"variants": {"a": {"optim.lrr": 0.1}}}, "variant a: unknown setting 'optim.lrr'"),
+    ({"variants": {}}, "one variant or more"),
+    ({"variants": {"../up": {}}}, "variant name '../up'"),
+    ({"variants": {"a,b": {}}}, "variant name 'a,b'"),
+    ({"variants": {"a": {"optim.lr": 0.05}}, "space": {"optim.lr": [0.1, 0.2]}},
+     "'optim.lr' is both set by variant a and varied in space"),
+    ({"variants": {"a": {"seed": 3}}}, "variant a: 'seed' is set by the study itself"),
+    ({"variants": {"a": {"optim.label_smoothing": 2.0}}}, "optim.label_smoothing"),
+    ({"variants": {"a": [1]}}, "variant a must be a mapping"),
 ]
 
 

@@ -190,14 +190,23 @@ def write_report(run_dir: str | Path, against: str | Path | None = None) -> Path
     outputs = dict(figures)
     outputs[REPORT_MD] = to_markdown(document).encode()
     outputs[REPORT_HTML] = to_html(document, figures).encode()
+    write_files(run_dir, outputs, f"free disk space or make the folder writable, then run: "
+                f"cifarlab report {run_dir}")
+    return run_dir / REPORT_HTML
+
+
+def write_files(folder: Path, outputs: dict[str, bytes], fix: str) -> list[Path]:
+    """Write each of `outputs` (file name: contents) atomically into `folder`; a one-line
+    UserError that ends with `fix` when one cannot be written. Returns the paths."""
+    paths = []
     for name, content in outputs.items():
-        path = run_dir / name
+        path = folder / name
         try:
             checkpoint.write_atomic(path, lambda f, content=content: f.write(content))
         except OSError as e:
-            raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or make "
-                            f"the folder writable, then run: cifarlab report {run_dir}") from None
-    return run_dir / REPORT_HTML
+            raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}") from None
+        paths.append(path)
+    return paths
 
 
 def _classes_and_data(run: Run) -> tuple[list[str], dict[str, Any]]:

@@ -393,9 +393,8 @@ def _model_text(args: dict[str, Any]) -> str:
 def write_report(result: VariantsResult, folder: str | Path) -> Path:
     """variants.md, variants.png beside it, and a self-contained variants.html in `folder`
     (created when missing); return the HTML file."""
-    from cifarlab.checkpoint import write_atomic
     from cifarlab.plots import figure_bytes
-    from cifarlab.report import to_html, to_markdown
+    from cifarlab.report import to_html, to_markdown, write_files
 
     folder = Path(folder)
     doc = document(result)
@@ -404,9 +403,8 @@ def write_report(result: VariantsResult, folder: str | Path) -> Path:
                VARIANTS_HTML: to_html(doc, {VARIANTS_PNG: png}).encode()}
     try:
         folder.mkdir(exist_ok=True)
-        for name, content in outputs.items():
-            write_atomic(folder / name, lambda f, content=content: f.write(content))
     except OSError as e:
         raise UserError(f"cannot write into {folder} ({e.strerror or e}); choose another "
                         "--report") from None
+    write_files(folder, outputs, "choose another --report")
     return folder / VARIANTS_HTML

@@ -23,10 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifarlab import __version__, checkpoint
+from cifarlab import __version__
 from cifarlab import config as cfg
 from cifarlab.errors import UserError
-from cifarlab.report import Block, Document, Image, Section, Table, Text, to_html, to_markdown
+from cifarlab.report import (
+    Block,
+    Document,
+    Image,
+    Section,
+    Table,
+    Text,
+    to_html,
+    to_markdown,
+    write_files,
+)
 from cifarlab.runs import RESULT_FILE, read_run
 from cifarlab.studies import stats
 from cifarlab.studies.spec import VARIANT, Study, parse_study
@@ -415,14 +425,9 @@ def summarize_study(folder: str | Path, storage: str | None = None) -> tuple[str
     text = to_markdown(document)
     outputs = {**figures, SUMMARY_FILE: text.encode(),
                SUMMARY_HTML: to_html(document, figures).encode()}
-    for name, content in outputs.items():
-        path = folder / name
-        try:
-            checkpoint.write_atomic(path, lambda f, content=content: f.write(content))
-        except OSError as e:
-            raise UserError(f"cannot write {path} ({e.strerror or e}); free disk space or make "
-                            f"the folder writable, then run: cifarlab study {folder}") from None
-        if name != SUMMARY_FILE and name != SUMMARY_HTML:
-            notes.append(f"wrote {path}")
+    written = write_files(folder, outputs, "free disk space or make the folder writable, "
+                          f"then run: cifarlab study {folder}")
+    notes += [f"wrote {path}" for path in written
+              if path.name not in (SUMMARY_FILE, SUMMARY_HTML)]
     notes.append(f"wrote {folder / SUMMARY_HTML}")
     return text, notes
