@@ -8,8 +8,11 @@
 # 2. pruned: the parent pruned to 50 % of its MACs (cifarlab prune, magnitude importance,
 #    channels in multiples of 8), fine-tuned 10 epochs with the parent's recipe; and the
 #    same fine-tuned with the parent as its teacher;
-# 3. students: resnet20 (0.27 M parameters) trained alone and distilled from the parent
-#    (T = 4, alpha = 0.9), 3 seeds each;
+# 3. students: resnet20 (0.27 M parameters) trained alone and distilled (T = 4,
+#    alpha = 0.9), 3 seeds each, from two teachers: the parent, and a ResNet-18 at width 32
+#    trained 30 epochs without label smoothing (a stronger teacher, whose outputs keep the
+#    similarities between classes that label smoothing erases: Muller, Kornblith and
+#    Hinton, 2019);
 # 4. the pruned model exported to ONNX and quantized to int8;
 # 5. the accuracy-cost table of them all (cifarlab compare --variants) on a quiet machine,
 #    every runtime on the same threads, and the students' mean, sd and Welch's test.
@@ -44,6 +47,12 @@ for s in 0 1 2; do train "student-resnet20-alone-s$s" --model resnet20 --seed "$
 for s in 0 1 2; do
   train "student-resnet20-distilled-s$s" --model resnet20 --seed "$s" --teacher "$parent"
 done
+teacher=$out/teacher-resnet18-w32-e30-nols
+train teacher-resnet18-w32-e30-nols --set model.width=32 --epochs 30 \
+  --set optim.label_smoothing=0
+for s in 0 1 2; do
+  train "student-resnet20-kd30-s$s" --model resnet20 --seed "$s" --teacher "$teacher"
+done
 prune pruned50-resnet18-w32
 prune pruned50-kd-resnet18-w32 --teacher "$parent"
 pruned=$out/pruned50-resnet18-w32
@@ -54,7 +63,7 @@ pruned=$out/pruned50-resnet18-w32
 echo "== before the table: $(uptime)"
 $cifarlab compare --variants "$parent" "$pruned" "$out/pruned50-kd-resnet18-w32" \
   "$pruned/best.onnx" "$pruned/best.int8.onnx" "$out/student-resnet20-alone-s0" \
-  "$out/student-resnet20-distilled-s0" --data "$archive" --threads "$threads" --markdown \
+  "$out/student-resnet20-kd30-s0" --data "$archive" --threads "$threads" --markdown \
   --report "$out/variants"
 echo "== after the table: $(uptime)"
 "$(dirname "$cifarlab")/python" - "$out" <<'PY'
@@ -65,15 +74,18 @@ from cifarlab.studies import stats
 out = Path(sys.argv[1])
 def best(name):
     return json.loads((out / name / "result.json").read_text())["best_val_acc"]
+for name in ("parent-resnet18-w32", "teacher-resnet18-w32-e30-nols"):
+    print(f"{name}: {best(name):.1f}")
 groups = {how: [best(f"student-resnet20-{how}-s{s}") for s in range(3)]
-          for how in ("alone", "distilled")}
+          for how in ("alone", "distilled", "kd30")}
 for how, accs in groups.items():
     s = stats.summarize(accs)
     print(f"resnet20 {how}: {', '.join(f'{a:.1f}' for a in accs)}; mean {s.mean:.2f}, "
           f"sd {s.sd:.2f}, 95 % CI [{s.ci_low:.2f}, {s.ci_high:.2f}]")
-diff = stats.mean(groups["distilled"]) - stats.mean(groups["alone"])
-print(f"distilled - alone: {diff:+.2f} points, Welch p = "
-      f"{stats.welch_p(groups['distilled'], groups['alone']):.3g}")
+for how in ("distilled", "kd30"):
+    diff = stats.mean(groups[how]) - stats.mean(groups["alone"])
+    print(f"{how} - alone: {diff:+.2f} points, Welch p = "
+          f"{stats.welch_p(groups[how], groups['alone']):.3g}")
 for name in ("pruned50-resnet18-w32", "pruned50-kd-resnet18-w32"):
     p = json.loads((out / name / "prune.json").read_text())
     print(name, json.dumps({k: p[k] for k in p if k not in ("channels", "model_args")}))
