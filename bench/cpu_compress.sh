@@ -15,7 +15,7 @@
 #    trained 30 epochs without label smoothing (a stronger teacher, whose outputs keep the
 #    similarities between classes that label smoothing erases: Muller, Kornblith and
 #    Hinton, 2019);
-# 4. the pruned model exported to ONNX and quantized to int8;
+# 4. the parent and the pruned model exported to ONNX, the pruned one quantized to int8;
 # 5. the accuracy-cost table of them all (cifarlab compare --variants) on a quiet machine,
 #    every runtime on the same threads, and the students' mean, sd and Welch's test.
 # A run whose folder holds result.json is kept, so the script continues where it stopped.
@@ -59,14 +59,14 @@ prune pruned50-resnet18-w32 --target-macs 0.5
 prune pruned50-kd-resnet18-w32 --target-macs 0.5 --teacher "$parent"
 prune finetuned-resnet18-w32 --ratio 0.01
 pruned=$out/pruned50-resnet18-w32
+[ -f "$parent/best.onnx" ] || $cifarlab export "$parent" -o "$parent/best.onnx" --data "$archive"
 [ -f "$pruned/best.onnx" ] || $cifarlab export "$pruned" -o "$pruned/best.onnx" --data "$archive"
 [ -f "$pruned/best.int8.onnx" ] ||
   $cifarlab quantize "$pruned" --data "$archive" --threads "$threads" -o "$pruned/best.int8.onnx"
 
 echo "== before the table: $(uptime)"
 $cifarlab compare --variants "$parent" "$out/finetuned-resnet18-w32" "$pruned" \
-  "$out/pruned50-kd-resnet18-w32" \
-  "$pruned/best.onnx" "$pruned/best.int8.onnx" "$out/student-resnet20-alone-s0" \
+  "$out/pruned50-kd-resnet18-w32" "$parent/best.onnx" "$pruned/best.onnx" "$pruned/best.int8.onnx" "$out/student-resnet20-alone-s0" \
   "$out/student-resnet20-kd30-s0" --data "$archive" --threads "$threads" --markdown \
   --report "$out/variants"
 echo "== after the table: $(uptime)"
