@@ -66,8 +66,9 @@ pruned=$out/pruned50-resnet18-w32
 
 echo "== before the table: $(uptime)"
 $cifarlab compare --variants "$parent" "$out/finetuned-resnet18-w32" "$pruned" \
-  "$out/pruned50-kd-resnet18-w32" "$parent/best.onnx" "$pruned/best.onnx" "$pruned/best.int8.onnx" "$out/student-resnet20-alone-s0" \
-  "$out/student-resnet20-kd30-s0" --data "$archive" --threads "$threads" --markdown \
+  "$out/pruned50-kd-resnet18-w32" "$parent/best.onnx" "$pruned/best.onnx" \
+  "$pruned/best.int8.onnx" "$out/student-resnet20-alone-s0" "$out/student-resnet20-kd30-s0" \
+  --data "$archive" --threads "$threads" --markdown \
   --report "$out/variants"
 echo "== after the table: $(uptime)"
 "$(dirname "$cifarlab")/python" - "$out" <<'PY'
