@@ -130,54 +130,42 @@ def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, co
     assert_same_run(reference, run_dir)
 
 
-# EMA (selected on) and mixup/CutMix: their state and draws resume exactly too.
+# EMA (selected on), mixup/CutMix and a distillation teacher: their state, draws and
+# teacher resume exactly too.
 RECIPE = [*TRAIN, "--set", "ema.enabled=true", "--set", "ema.select=ema", "--set",
           "ema.decay=0.9", "--set", "mix.mixup_alpha=0.2", "--set", "mix.cutmix_alpha=1"]
 
 
 @pytest.fixture(scope="module")
-def recipe_reference(tmp_path_factory):
-    return uninterrupted(tmp_path_factory.mktemp("recipe"), RECIPE)
-
-
-def test_sigterm_mid_epoch_with_ema_and_mixing_then_resume_is_exact(recipe_reference, tmp_path):
-    returncode, err, run_dir = signalled_mid_epoch(tmp_path, RECIPE, signal.SIGTERM)
-    assert returncode == 143, err
-    stopped = checkpoint.load(run_dir / "last.pt")["train_state"]
-    assert stopped["position"] != [1, 0] and stopped["ema"]["updates"] > 0
-    returncode, _, err = finish(cifarlab("train", "--resume", str(run_dir)))
-    assert returncode == 0, err
-    assert_same_run(recipe_reference, run_dir)
-    assert "ema_val_acc" in metrics_without_seconds(run_dir)[0]
-    ema_a = checkpoint.load(recipe_reference / "last.pt")["train_state"]["ema"]
-    ema_b = checkpoint.load(run_dir / "last.pt")["train_state"]["ema"]
-    assert ema_a["updates"] == ema_b["updates"]
-    assert all(torch.equal(ema_a["weights"][k], ema_b["weights"][k]) for k in ema_a["weights"])
-    assert json.loads((run_dir / "result.json").read_text())["selected"] == "ema"
-
-
-@pytest.fixture(scope="module")
-def distilled(tmp_path_factory):
-    """The arguments of a run distilled from a tiny teacher of the same data, and its
-    uninterrupted reference."""
-    out = tmp_path_factory.mktemp("distilled")
+def recipe(tmp_path_factory):
+    """The arguments of RECIPE distilled from a tiny teacher of the same data, and their
+    uninterrupted reference run."""
+    out = tmp_path_factory.mktemp("recipe")
     code = main([*TRAIN[:TRAIN.index("--epochs")], "--epochs", "1", "--workers", "0",
                  "--set", "model.width=4", "--out", str(out), "--name", "teacher"])
     assert code == 0
-    args = [*TRAIN, "--teacher", str(out / "teacher")]
+    args = [*RECIPE, "--teacher", str(out / "teacher")]
     return args, uninterrupted(out, args)
 
 
-def test_sigterm_mid_epoch_of_a_distilled_run_then_resume_is_exact(distilled, tmp_path):
-    args, reference = distilled
+def test_sigterm_mid_epoch_with_ema_mixing_and_a_teacher_then_resume_is_exact(recipe,
+                                                                               tmp_path):
+    args, reference = recipe
     returncode, err, run_dir = signalled_mid_epoch(tmp_path, args, signal.SIGTERM)
     assert returncode == 143, err
     stopped = checkpoint.load(run_dir / "last.pt")["train_state"]
-    assert stopped["position"] != [1, 0] and stopped["teacher"]["model"] == "resnet18"
+    assert stopped["position"] != [1, 0] and stopped["ema"]["updates"] > 0
+    assert stopped["teacher"]["model"] == "resnet18"
     returncode, out, err = finish(cifarlab("train", "--resume", str(run_dir)))
     assert returncode == 0, err
     assert "teacher" in out
     assert_same_run(reference, run_dir)
+    assert "ema_val_acc" in metrics_without_seconds(run_dir)[0]
+    ema_a = checkpoint.load(reference / "last.pt")["train_state"]["ema"]
+    ema_b = checkpoint.load(run_dir / "last.pt")["train_state"]["ema"]
+    assert ema_a["updates"] == ema_b["updates"]
+    assert all(torch.equal(ema_a["weights"][k], ema_b["weights"][k]) for k in ema_a["weights"])
+    assert json.loads((run_dir / "result.json").read_text())["selected"] == "ema"
 
 
 def test_second_signal_exits_at_once(tmp_path):
