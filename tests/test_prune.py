@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from test_step import run_on_avx2_kernels
+from test_step import WEIGHT_GRADIENT_ERRORS, run_on_avx2_kernels
 from torch import nn
 
 from cifarlab import checkpoint
@@ -169,41 +169,20 @@ def test_a_pruned_fine_tune_resumes_with_its_architecture(pruned_run, tmp_path):
 # A pruned ResNet-18 whose strided 1x1 shortcut reads fewer than 16 channels, stepped by
 # TrainStep from channels-last input on oneDNN's AVX2 kernels: each convolution's weight
 # gradient against float64 ATen from the same input and output gradient (as test_step.py).
-PRUNED_GRADIENTS = """
-import json, torch
-from torch import nn
+PRUNED_GRADIENTS = WEIGHT_GRADIENT_ERRORS + """
+import json
 from cifarlab.compress import prune
 from cifarlab.models import create_model, model_args
-from cifarlab.step import TrainStep, memory_format
+from cifarlab.step import memory_format
 torch.manual_seed(0)
 args = model_args("resnet18", 10, 16)
 model = prune.prune_model(create_model(**args), args, "ratio", 0.5, round_to=2).model.train()
 shortcut = model.layer2[0].shortcut[0]
 model = model.to(memory_format=memory_format("cpu", model))
-seen = {}
-def keep(name):
-    def hook(conv, inputs, output):
-        seen[name] = [inputs[0].detach()]
-        output.register_hook(lambda grad: seen[name].append(grad))
-    return hook
-convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-for name, conv in convs.items():
-    conv.register_forward_hook(keep(name))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, torch.amp.GradScaler("cpu",
-                 enabled=False), torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None)
-step(torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last),
-     torch.arange(16) % 10)
-errors = {}
-for name, conv in convs.items():
-    inputs, grad = seen[name]
-    expected = torch.nn.grad.conv2d_weight(inputs.double(), conv.weight.shape, grad.double(),
-                                           conv.stride, conv.padding, groups=conv.groups)
-    errors[name] = ((conv.weight.grad.double() - expected).norm() / expected.norm()).item()
+errors, _ = weight_gradient_errors(model, torch.randn(16, 3, 32, 32), torch.arange(16) % 10)
 print(json.dumps({"errors": errors, "shortcut_in": shortcut.in_channels,
                   "stride": shortcut.stride[0]}))
 """
-
 
 def test_a_pruned_model_gets_correct_gradients_on_avx2_kernels():
     proc = run_on_avx2_kernels([sys.executable, "-c", PRUNED_GRADIENTS], 120, "a pruned step")

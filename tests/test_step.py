@@ -276,25 +276,16 @@ def test_channels_last_is_safe_only_without_narrow_strided_1x1_convolutions():
 
 # Each convolution's weight gradient, as the step computed it, against the same gradient
 # computed in float64 by ATen (not oneDNN) from the same float32 input and output gradient:
-# this isolates the kernel (about 1e-7 when right; 9 % to 99 % with the fault).
-GRADIENTS = """
-import json, torch
+# this isolates the kernel (about 1e-7 when right; 9 % to 99 % with the fault). A script
+# fragment, for the subprocesses that run on oneDNN's AVX2 kernels (test_prune.py uses it
+# too): `weight_gradient_errors(model, x, y)` steps `model` once on the channels-last batch
+# (the layout that can break it) and returns {convolution: relative error} and the layout
+# its first convolution was given.
+WEIGHT_GRADIENT_ERRORS = """
+import torch
 from torch import nn
-from cifarlab.config import AugmentConfig
-from cifarlab.data.resident import build_resident_loader
-from cifarlab.models import create_model
-from cifarlab.step import TrainStep, memory_format
-torch.manual_seed(0)
-images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
-loader = build_resident_loader(images, torch.arange(64) % 10, AugmentConfig(), (0.5,) * 3,
-                               (0.25,) * 3, batch_size=64, seed=0, device="cpu")
-loader.set_epoch(1)
-x, y = next(iter(loader))
-errors, layouts = {}, {}
-# Shortcuts from 2, 3, 4 and 6 input channels (NCHW), and from 16 on (channels-last).
-for width in (2, 3, 4, 16):
-    model = create_model("resnet18", num_classes=10, width=width)
-    model = model.to(memory_format=memory_format("cpu", model))  # as train.py does
+from cifarlab.step import TrainStep
+def weight_gradient_errors(model, x, y):
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     seen = {}
     def keep(name):
@@ -308,18 +299,41 @@ for width in (2, 3, 4, 16):
     step = TrainStep(model, nn.CrossEntropyLoss(), optimizer,
                      torch.amp.GradScaler("cpu", enabled=False),
                      torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), None)
-    step(x.contiguous(memory_format=torch.channels_last), y)  # the layout that can break it
-    layouts[width] = "channels_last" if seen["stem.0"][0].is_contiguous(
-        memory_format=torch.channels_last) else "nchw"
+    step(x.contiguous(memory_format=torch.channels_last), y)
+    errors = {}
     for name, conv in convs.items():
         inputs, grad = seen[name]
         expected = torch.nn.grad.conv2d_weight(inputs.double(), conv.weight.shape,
-                                               grad.double(), conv.stride, conv.padding)
+                                               grad.double(), conv.stride, conv.padding,
+                                               groups=conv.groups)
         error = (conv.weight.grad.double() - expected).norm() / expected.norm()
-        errors[f"{width}:{name}"] = error.item()
-print(json.dumps({"errors": errors, "layouts": layouts}))
+        errors[name] = error.item()
+    first = seen[next(iter(convs))][0]
+    layout = "channels_last" if first.is_contiguous(memory_format=torch.channels_last) else "nchw"
+    return errors, layout
 """
 
+GRADIENTS = WEIGHT_GRADIENT_ERRORS + """
+import json
+from cifarlab.config import AugmentConfig
+from cifarlab.data.resident import build_resident_loader
+from cifarlab.models import create_model
+from cifarlab.step import memory_format
+torch.manual_seed(0)
+images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+loader = build_resident_loader(images, torch.arange(64) % 10, AugmentConfig(), (0.5,) * 3,
+                               (0.25,) * 3, batch_size=64, seed=0, device="cpu")
+loader.set_epoch(1)
+x, y = next(iter(loader))
+errors, layouts = {}, {}
+# Shortcuts from 2, 3, 4 and 6 input channels (NCHW), and from 16 on (channels-last).
+for width in (2, 3, 4, 16):
+    model = create_model("resnet18", num_classes=10, width=width)
+    model = model.to(memory_format=memory_format("cpu", model))  # as train.py does
+    width_errors, layouts[width] = weight_gradient_errors(model, x, y)
+    errors.update({f"{width}:{name}": e for name, e in width_errors.items()})
+print(json.dumps({"errors": errors, "layouts": layouts}))
+"""
 
 def test_narrow_resnets_get_correct_gradients_on_avx2_kernels():
     proc = run_on_avx2_kernels([sys.executable, "-c", GRADIENTS], 120, "a narrow step")
