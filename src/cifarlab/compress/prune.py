@@ -231,10 +231,9 @@ def channels(model_args: dict[str, Any], parent_args: dict[str, Any]) -> dict[st
 def measure_latency(model: nn.Module) -> dict[str, float]:
     """CPU latency (batch 1, median and p90, ms) and throughput (batch 64, images/s) of
     `model` in eager PyTorch, timed as `cifarlab bench` times a checkpoint."""
-    from cifarlab.deploy.bench import time_module
+    from cifarlab.deploy.bench import time_module, timing_images
 
-    images = np.random.default_rng(0).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
-    return asdict(time_module(model.cpu().eval(), images))
+    return asdict(time_module(model.cpu().eval(), timing_images()))
 
 
 def prune_run(path: str | Path, config: Config, measure: str, fraction: float,
