@@ -3,8 +3,8 @@
 # torchvision, numpy, pyyaml, tqdm and matplotlib, but not torchinfo: carry its wheel in
 # .whl/). Needs the JPEG training archive at data/cifar10-jpeg-train.tar.gz (carried).
 # Usage: bench/gpu_checks.sh [STEP ...]; steps: throughput augment tests seed-resident
-#        fast fast-compiled seed-torchvision (default: all but seed-torchvision, whose
-#        359 s SEED_RECIPE.md gives). Results go to $OUT (or ./bench-out).
+#        fast fast-compiled airbench seed-torchvision (default: all but seed-torchvision,
+#        whose 359 s SEED_RECIPE.md gives). Results go to $OUT (or ./bench-out).
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -17,7 +17,7 @@ fi
 export PYTHONUNBUFFERED=1
 python3 -c "import torchinfo" || { echo "torchinfo missing: carry its wheel in .whl/"; exit 2; }
 archive=data/cifar10-jpeg-train.tar.gz
-steps=${*:-throughput augment tests seed-resident fast fast-compiled}
+steps=${*:-throughput augment tests seed-resident fast fast-compiled airbench}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 for step in $steps; do
   echo "== $step"
@@ -38,5 +38,11 @@ for step in $steps; do
       mode=off; [ "$step" = fast-compiled ] && mode=reduce-overhead
       python3 -m cifarlab train --preset fast --data "$archive" --compile "$mode" \
         --out "$out/runs" --name "$step" 2>&1 | tee "$out/$step.log" | grep -v "^epoch" ;;
+    airbench)  # the time-to-accuracy preset at the paper's batch 1024 (lr per example kept)
+      python3 -m cifarlab train --preset airbench --data "$archive" --batch-size 1024 \
+        --lr "$(python3 -c 'from cifarlab.presets import AIRBENCH_LR_PER_EXAMPLE as r; print(r * 1024)')" \
+        --out "$out/runs" --name "$step" 2>&1 | tee "$out/$step.log" | grep -v "^epoch" ;;
+    *) echo "unknown step $step; steps: throughput augment tests seed-resident fast" \
+         "fast-compiled airbench seed-torchvision" >&2; exit 2 ;;
   esac
 done

@@ -46,12 +46,12 @@ def test_resume_overrides_take_the_new_hyperparameters():
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     changed = OptimConfig(lr=0.05, momentum=0.8, weight_decay=0.0, warmup_epochs=0,
                           schedule="constant")
-    set_hyperparameters(opt, scheduler, changed, lr_at)
+    set_hyperparameters(opt, scheduler, changed)
     group = opt.param_groups[0]
     assert (group["lr"], group["initial_lr"], group["momentum"], group["weight_decay"]) == (
         0.05, 0.05, 0.8, 0.0)
     assert scheduler.base_lrs == [0.05]
     adamw = build_optimizer(params(), OptimConfig(name="adamw"), CPU)
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_at)
-    set_hyperparameters(adamw, scheduler, OptimConfig(name="adamw", lr=0.01), lr_at)
+    set_hyperparameters(adamw, scheduler, OptimConfig(name="adamw", lr=0.01))
     assert "momentum" not in adamw.param_groups[0] and adamw.param_groups[0]["lr"] == 0.01

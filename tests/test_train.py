@@ -10,8 +10,9 @@ from cifarlab.data.splits import prepare_splits
 from cifarlab.errors import UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.models import create_model
+from cifarlab.precision import resolve_amp, resolve_device
 from cifarlab.presets import seed
-from cifarlab.train import EarlyStopping, fit, resolve_amp, resolve_device
+from cifarlab.train import EarlyStopping, fit
 
 
 def test_early_stopping_stops_after_patience_epochs_without_a_new_best():

@@ -223,3 +223,8 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> nn.Mod
 def tta_flip(ckpt: dict[str, Any]) -> bool:
     """Whether the checkpoint's run scored images with their mirror images (config.tta_flip)."""
     return bool(ckpt.get("config", {}).get("tta_flip", False))
+
+
+def tta_translate(ckpt: dict[str, Any]) -> bool:
+    """Whether the checkpoint's run also scored shifted copies (config.tta_translate)."""
+    return bool(ckpt.get("config", {}).get("tta_translate", False))

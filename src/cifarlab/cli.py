@@ -461,11 +461,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate_onnx(model, data.images, data.labels)
     else:
         from cifarlab.evaluate import evaluate
-        from cifarlab.train import resolve_device
+        from cifarlab.precision import resolve_device
 
         device = resolve_device(args.device)
         result = evaluate(model.to(device), data, ckpt["mean"], ckpt["std"], device,
-                          batch_size=args.batch_size, flip=checkpoint.tta_flip(ckpt))
+                          batch_size=args.batch_size, flip=checkpoint.tta_flip(ckpt),
+                          translate=checkpoint.tta_translate(ckpt))
     per_class = dict(zip(data.classes, result.per_class_acc, strict=True))
     if args.json:
         print(json.dumps({"images": int(len(data.labels)), "acc": result.acc,
@@ -583,7 +584,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if Path(args.checkpoint).suffix == ".onnx":  # onnxruntime only: no torch import
         results = predict_files(args.checkpoint, args.images, topk=args.topk)
     else:
-        from cifarlab.train import resolve_device
+        from cifarlab.precision import resolve_device
 
         results = predict_files(checkpoint_file(args.checkpoint), args.images, topk=args.topk,
                                 device=resolve_device(args.device))

@@ -32,6 +32,11 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # Automatic augmentation per image (data/policies.py); "none": the chain above alone.
 POLICIES = ("none", "trivialaugment", "randaugment", "autoaugment")
 LABEL_SETS = ("fine", "coarse")  # CIFAR-100's 100 classes or its 20 superclasses
+# Horizontal flip: "random" (each image with probability hflip, every epoch) or "alternate"
+# (each image mirrored in every other epoch, from a per-image random start).
+FLIP_MODES = ("random", "alternate")
+# What the crop's padding holds: zeros (RandomCrop's "constant") or the mirrored border.
+PADDING_MODES = ("constant", "reflect")
 
 
 @dataclass
@@ -44,7 +49,10 @@ class AugmentConfig:
     contrast: float = 0.3
     saturation: float = 0.3
     hue: float = 0.1
-    crop_padding: int = 4  # zero padding (pixels) before a random 32x32 crop
+    # "alternate": each image mirrored in every other epoch (needs the resident loader)
+    flip_mode: str = "random"
+    crop_padding: int = 4  # padding (pixels) before a random 32x32 crop
+    crop_padding_mode: str = "constant"  # the padding: zeros, or "reflect" (mirrored border)
     translate: float = 0.1  # fraction of width and height
     erase_p: float = 0.3  # random erasing probability (after normalisation)
     erase_scale: tuple[float, float] = (0.02, 0.33)  # fraction of the image area
@@ -103,6 +111,13 @@ class OptimConfig:
     # multistep: fractions of the run's steps (e.g. 0.5 of 200 epochs: epoch 100)
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1  # multistep: factor at each milestone
+    # Parameter groups (training/optim.py): biases (BatchNorm shifts, conv biases) train at
+    # lr * bias_lr_scale with weight_decay / bias_lr_scale; the classifier at
+    # lr * head_lr_scale.
+    bias_lr_scale: float = 1.0
+    head_lr_scale: float = 1.0
+    # Models with a whitening layer (airbench): epochs its bias trains; then it is frozen.
+    whiten_bias_epochs: float = 3.0
 
 
 @dataclass
@@ -148,6 +163,9 @@ class Config:
     # Validation and test (and `evaluate`, `predict` of its checkpoints) score each image by
     # the mean logits of the image and its mirror image.
     tta_flip: bool = False
+    # ... and of copies shifted by one pixel up-left and down-right (reflected border): the
+    # unshifted view weighs 1/2, each shifted one 1/4 (with their mirror images if tta_flip).
+    tta_translate: bool = False
     patience: int = 30  # early stopping on validation accuracy; 0 disables it
     amp: str = "auto"  # "auto": fp16 with a GradScaler on CUDA, off on the CPU
     device: str = "auto"  # "auto": CUDA when present
@@ -547,7 +565,9 @@ RULES: dict[str, Rule] = {
     "data.augment.contrast": JITTER,
     "data.augment.saturation": JITTER,
     "data.augment.hue": number(0, 0.5, what="a hue shift"),
+    "data.augment.flip_mode": choice(FLIP_MODES),
     "data.augment.crop_padding": integer(0, 32, what="a padding in pixels"),
+    "data.augment.crop_padding_mode": choice(PADDING_MODES),
     "data.augment.translate": number(0, 1, what="a fraction of the image size"),
     "data.augment.erase_p": PROBABILITY,
     "data.augment.erase_scale": ordered_pair(0, 1, what="two fractions of the image area"),
@@ -569,6 +589,9 @@ RULES: dict[str, Rule] = {
     "optim.warmup_epochs": number(0, MAX_COUNT, what="a number of epochs"),
     "optim.milestones": increasing_fractions("fractions of the run"),
     "optim.gamma": number(0, 1, lo_open=True, what="a factor"),
+    "optim.bias_lr_scale": number(0, 10_000, lo_open=True, what="a learning-rate factor"),
+    "optim.head_lr_scale": number(0, 10_000, lo_open=True, what="a learning-rate factor"),
+    "optim.whiten_bias_epochs": number(0, MAX_COUNT, what="a number of epochs"),
     "mix.mixup_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
     "mix.cutmix_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
     "mix.prob": PROBABILITY,
@@ -583,6 +606,7 @@ RULES: dict[str, Rule] = {
     "epochs": integer(1, MAX_COUNT),
     "batch_size": integer(1, MAX_COUNT),
     "tta_flip": ANY,
+    "tta_translate": ANY,
     "patience": integer(0, MAX_COUNT, what="a number of epochs (0: no early stopping)"),
     "amp": choice(AMP_MODES),
     "device": choice(DEVICES),
@@ -623,6 +647,13 @@ CROSS_RULES: list[typing.Callable[[Config], str | None]] = [
         "sync_batchnorm=true needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU version); "
         "e.g. --set sync_batchnorm=false"),
     _limit_leaves_validation,
+    lambda c: None if c.data.augment.flip_mode == "random" or c.data.loader != "torchvision"
+    else ("data.augment.flip_mode=alternate needs the resident loader (it follows each image "
+          "across epochs); e.g. --loader resident, or --set data.augment.flip_mode=random"),
+    lambda c: None if c.data.augment.flip_mode == "random" or c.data.augment.hflip == 0.5
+    else (f"data.augment.flip_mode=alternate mirrors every image in every other epoch, so "
+          f"data.augment.hflip must be 0.5, got {_show(c.data.augment.hflip)}; e.g. --set "
+          "data.augment.hflip=0.5"),
     lambda c: None if c.data.label_set == "fine" or not _is_keyword(c.data.source) else (
         f"data.label_set=coarse needs CIFAR-100 (--data cifar100), not {c.data.source}; "
         "e.g. --set data.label_set=fine"),

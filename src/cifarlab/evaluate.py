@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cifarlab import distributed
@@ -30,12 +31,22 @@ class Evaluation:
             return list(100.0 * np.diag(self.confusion) / totals)
 
 
-def logits_of(model: nn.Module, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    """The model's logits for the batch `x`; with `flip` (test-time augmentation), the mean of
-    the logits of each image and of its mirror image."""
-    logits = model(x)
-    if flip:
-        logits = (logits + model(x.flip(3))) / 2
+def logits_of(model: nn.Module, x: torch.Tensor, flip: bool = False,
+              translate: bool = False) -> torch.Tensor:
+    """The model's logits for the batch `x`, with test-time augmentation: `flip`, the mean of
+    the logits of each image and of its mirror image; `translate`, half of that and a
+    quarter each of the same for the image shifted by one pixel up-left and down-right
+    (reflected border)."""
+    def views(images: torch.Tensor) -> torch.Tensor:
+        logits = model(images)
+        return (logits + model(images.flip(3))) / 2 if flip else logits
+
+    logits = views(x)
+    if translate:
+        h, w = x.shape[2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = views(padded[:, :, :h, :w]) + views(padded[:, :, 2:, 2:])
+        logits = logits / 2 + shifted / 4
     return logits
 
 
@@ -52,8 +63,9 @@ def evaluate(
     criterion: nn.Module | None = None,
     world: World | None = None,
     flip: bool = False,
+    translate: bool = False,
 ) -> Evaluation:
-    """`flip`: score each image by the mean logits of it and its mirror image (logits_of).
+    """`flip`, `translate`: test-time augmentation (logits_of).
     Under DDP (`world`) each rank scores every world.size-th image and the sums are
     added up, so that every rank returns the same numbers for the whole set."""
     criterion = criterion or nn.CrossEntropyLoss()
@@ -70,7 +82,7 @@ def evaluate(
         x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
         y = labels[start : start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = logits_of(model, x, flip)
+            logits = logits_of(model, x, flip, translate)
         loss_sum += criterion(logits.float(), y) * len(y)
         confusion += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes**2)
         heartbeat()

@@ -85,7 +85,8 @@ def predict_files(
         for start in range(0, len(pixels), BATCH):
             batch = torch.from_numpy(pixels[start : start + BATCH]).to(device)
             x = normalize(batch, ckpt["mean"], ckpt["std"])
-            probs = logits_of(model, x, checkpoint.tta_flip(ckpt)).float().softmax(1)
+            probs = logits_of(model, x, checkpoint.tta_flip(ckpt),
+                              checkpoint.tta_translate(ckpt)).float().softmax(1)
             top_p, top_i = probs.topk(k, dim=1)
             for j, (p_row, i_row) in enumerate(zip(top_p.tolist(), top_i.tolist(),
                                                    strict=True)):

@@ -270,14 +270,21 @@ def _results_table(run: Run, data: dict[str, Any]) -> Table:
         ["training time", f"{run.train_seconds:,.1f} s "
                           f"({run.train_seconds / run.epochs_run:,.1f} s per epoch)"],
     ]
-    if run.config.tta_flip:
+    if run.config.tta_flip or run.config.tta_translate:
+        views = [*(["its mirror image (tta_flip)"] if run.config.tta_flip else []),
+                 *(["copies shifted by one pixel (tta_translate)"]
+                   if run.config.tta_translate else [])]
         rows.append(["scoring", "each validation and test image by the mean logits of it and "
-                                "its mirror image (tta_flip)"])
+                                + " and ".join(views)])
     teacher = run.result.get("teacher") if run.result is not None else None
     if teacher:
         rows.append(["distilled from", _teacher_text(teacher, run.config.distill)])
     if run.result is not None:
         rows.append(["device", f"{run.result['device']}, torch {run.result['torch_version']}"])
+        if "precision" in run.result:  # runs from before the precision choice lack it
+            rows.append(["precision", f"trained in {run.result['precision']} with "
+                                      f"{run.result['threads']} threads: "
+                                      f"{run.result['precision_reason']}"])
     return Table(["", ""], rows)
 
 

@@ -39,14 +39,21 @@ from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest, heartbeat
-from cifarlab.models import LAYERS, architecture, create_model, model_args
+from cifarlab.models import LAYERS, architecture, create_model, initialise_from_data, model_args
+from cifarlab.precision import Precision, check_amp, choose, resolve_device
 from cifarlab.report import write_report
 from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled, memory_format
 from cifarlab.training.board import Board, check_available
 from cifarlab.training.distill import DistillLoss, Teacher, describe, load_teacher
 from cifarlab.training.ema import ModelEma
 from cifarlab.training.mixing import build_mixer, no_mixing
-from cifarlab.training.optim import build_optimizer, schedule_of, set_hyperparameters
+from cifarlab.training.optim import (
+    build_optimizer,
+    group_schedules,
+    schedule_of,
+    set_hyperparameters,
+)
+from cifarlab.training.pace import Pace
 
 log = logging.getLogger("cifarlab")
 
@@ -79,6 +86,9 @@ class FitResult:
     test_confusion: list[list[int]] | None  # rows: true class, columns: predicted
     data: dict[str, Any]  # image counts per split, measured per-channel mean and std
     teacher: dict[str, Any] | None = None  # the distillation teacher (training/distill.py)
+    precision: str = "float32"  # what the steps ran in: float32, fp16 or bf16 (autocast)
+    precision_reason: str = ""  # why (precision.choose)
+    threads: int = 0  # torch's intra-op threads per process
 
 
 @dataclass
@@ -102,21 +112,6 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.epochs_since_best >= self.patience
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full float32."""
-    if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
 
 
 def run_dir_for(config: Config) -> Path:
@@ -256,8 +251,9 @@ def make_loader(
     """The training batches of one rank and the object that positions them
     (`set_epoch(epoch, start_step)`); both paths yield the same images at each step."""
     kind = config.data.loader
-    if kind == "auto":
-        kind = "resident" if device.type == "cuda" else "torchvision"
+    if kind == "auto":  # alternating flips follow each image: the resident loader does them
+        batch_only = config.data.augment.flip_mode == "alternate"
+        kind = "resident" if device.type == "cuda" or batch_only else "torchvision"
     common = dict(batch_size=config.batch_size // world.size, seed=config.seed,
                   rank=world.rank, world_size=world.size)
     if kind == "resident":
@@ -372,6 +368,9 @@ def fit(config: Config, *, resume: str | Path | None = None,
         raise UserError("sync_batchnorm needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
                         "version); drop --set sync_batchnorm=true")
     check_compile(config.compile, device)
+    check_amp(config.amp, device)
+    with torch.device("meta"):  # a width the architecture cannot take, before the data
+        create_model(**model_args(config.model.name, 10, config.model.width))
     if config.tensorboard:
         check_available()
     if config.batch_size % world.size:
@@ -386,7 +385,6 @@ def fit(config: Config, *, resume: str | Path | None = None,
 def _fit(config: Config, resume: str | Path | None, device: torch.device, world: World,
          on_epoch: Callable[[int, dict[str, float]], None] | None = None,
          initial: dict[str, Any] | None = None) -> FitResult:
-    amp_dtype = resolve_amp(config.amp, device)
     run_dir = Path(resume) if resume else distributed.broadcast(run_dir_for(config))
     if resume is None and distributed.restart_count() > 0 and (run_dir / "last.pt").exists():
         resume = run_dir  # torchrun restarted the workers: go on from the last checkpoint
@@ -404,11 +402,16 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     if state is not None and state["classes"] != splits.classes:
         raise UserError(f"--resume {run_dir}: the data's classes {splits.classes} differ from "
                         f"the run's {state['classes']}")
+    per_rank = -(-len(splits.train.labels) // world.size)
+    if config.batch_size // world.size > per_rank:
+        raise UserError(f"batch_size {config.batch_size} is larger than the "
+                        f"{len(splits.train.labels):,} training images"
+                        f"{' of each process' if world.distributed else ''}, so no step would "
+                        f"see a full batch; use --batch-size {per_rank * world.size} or less")
     teacher = None  # checked against the data before anything is written
     if config.distill.teacher:
         teacher = load_teacher(config.distill.teacher, splits, asdict(config.data), device)
     # Before the model is built: a model too large for the memory is refused, not allocated.
-    per_rank = -(-len(splits.train.labels) // world.size)
     memory.check_fits(config.model.name, len(splits.classes), config.model.width,
                       min(config.batch_size // world.size, per_rank), device)
     seed_everything(config.seed)
@@ -417,6 +420,10 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
         config.model.name, len(splits.classes), config.model.width)))
     if initial is not None:
         model.load_state_dict(initial["model"])
+    elif state is None:  # a new model: layers set from the training images (airbench's)
+        initialise_from_data(model, splits.train.images, splits.mean, splits.std)
+    precision = choose(config.amp, device, model, config.batch_size // world.size,
+                       memory_format(device, model), len(splits.classes))
     check_disk_space(run_dir, model)
     distributed.barrier()  # every rank has checked the run folder before rank 0 creates it
 
@@ -437,7 +444,7 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
         resume_note = (f"the checkpoints saved before are intact; continue with: cifarlab train "
                        f"--resume {run_dir}")
         with StopRequest(config.stop_grace, note=resume_note) as stop:
-            result = _train(config, splits, model, device, amp_dtype, run_dir, state, stop,
+            result = _train(config, splits, model, device, precision, run_dir, state, stop,
                             world, on_epoch, teacher)
             if world.is_main:
                 log.info(f"report: {write_report(run_dir)}")
@@ -465,6 +472,7 @@ class Parts:
     sampler: EpochBatchSampler | ResidentLoader  # positions the loader: set_epoch(epoch, step)
     layout: torch.memory_format  # of the model and its batches (step.memory_format)
     teacher: Teacher | None = None  # distillation: frozen, seen by the step, never saved
+    pace: Pace | None = None  # says at the start when a CPU run will take hours
 
 
 @dataclass
@@ -495,10 +503,11 @@ def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = build_optimizer(model.parameters(), config.optim, device)
+    optimizer = build_optimizer(model, config.optim, device)
     loader, sampler = make_loader(config, splits, device, world)
     lr_at = schedule_of(config.optim, config.epochs, len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  group_schedules(optimizer, lr_at, len(loader)))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     mixer, train_loss = build_mixer(config.mix, len(splits.classes),
                                     config.optim.label_smoothing, config.seed, world.rank)
@@ -521,7 +530,7 @@ def restore(parts: Parts, config: Config, state: dict[str, Any]) -> Progress:
     optimizer, scheduler = parts.step.optimizer, parts.step.scheduler
     optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
-    set_hyperparameters(optimizer, scheduler, config.optim, parts.lr_at)
+    set_hyperparameters(optimizer, scheduler, config.optim)
     parts.step.scaler.load_state_dict(ts["scaler"])
     if parts.ema is not None:  # EMA switched on at resume: it starts from the weights
         parts.ema.load_state_dict(ts.get("ema", {"weights": state["model"], "updates": 0}))
@@ -587,6 +596,8 @@ def train_epoch(parts: Parts, config: Config, epoch: int, step: int, partial: di
         step += 1
         flags.record(step, loss, stop.signum is not None)
         heartbeat()
+        if parts.pace is not None:
+            parts.pace.step()
     check_flags(flags.drain(), epoch, config)
     check_loss_scale(parts.step.scaler, epoch)
     return epoch_sums(loss_sum, correct, seen), None
@@ -599,7 +610,8 @@ def validate(parts: Parts, config: Config, splits: Splits, device: torch.device,
     for prefix, model in [("", parts.model)] + ([("ema_", parts.ema.module)] if parts.ema else []):
         distributed.sync_buffers(model)
         val = evaluate(model, splits.val, splits.mean, splits.std, device, amp_dtype=amp_dtype,
-                       criterion=parts.criterion, world=world, flip=config.tta_flip)
+                       criterion=parts.criterion, world=world, flip=config.tta_flip,
+                       translate=config.tta_translate)
         scores |= {f"{prefix}val_loss": val.loss, f"{prefix}val_acc": val.acc}
     return scores
 
@@ -618,7 +630,7 @@ def _train(
     splits: Splits,
     model: nn.Module,
     device: torch.device,
-    amp_dtype: torch.dtype | None,
+    precision: Precision,
     run_dir: Path,
     state: dict[str, Any] | None,
     stop: StopRequest,
@@ -627,17 +639,22 @@ def _train(
     teacher: Teacher | None = None,
 ) -> FitResult:
     set_deterministic(config.deterministic)
+    amp_dtype = precision.dtype
     parts = build_parts(config, splits, model, device, amp_dtype, world, teacher)
     model, steps_per_epoch = parts.model, len(parts.loader)
     progress = Progress(EarlyStopping(config.patience))
     if state is not None:
         progress = restore(parts, config, state)
         log.info(f"resuming {run_dir} at epoch {progress.epoch}, step {progress.step}")
-    log.info(describe_run(config, splits, model, device, amp_dtype, world, run_dir))
+    if world.is_main:
+        steps_left = (config.epochs - progress.epoch + 1) * steps_per_epoch - progress.step
+        parts.pace = Pace(steps_left, device.type, config.preset, log)
+    log.info(describe_run(config, splits, model, device, precision, world, run_dir))
     if teacher is not None:
         teacher.split_val_acc = evaluate(teacher.model, splits.val, splits.mean, splits.std,
                                          device, amp_dtype=amp_dtype, world=world,
-                                         flip=config.tta_flip).acc  # scored as the student
+                                         flip=config.tta_flip,
+                                         translate=config.tta_translate).acc  # as the student
         log.info(describe(teacher))
     # The best checkpoint is chosen on, and holds, the model's weights or the EMA's.
     select = "ema" if config.ema.select == "ema" else "model"
@@ -705,7 +722,7 @@ def _train(
             log.info(f"early stop: no better validation accuracy in {config.patience} epochs")
             break
 
-    result = finish(config, splits, model, device, amp_dtype, run_dir, progress, epoch, select,
+    result = finish(config, splits, model, device, precision, run_dir, progress, epoch, select,
                     world, teacher)
     if board is not None:
         board.finish(flat_settings(config), asdict(result))
@@ -714,7 +731,7 @@ def _train(
 
 
 def describe_run(config: Config, splits: Splits, model: nn.Module, device: torch.device,
-                 amp_dtype: torch.dtype | None, world: World, run_dir: Path) -> str:
+                 precision: Precision, world: World, run_dir: Path) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     optim, mix = config.optim, config.mix
     mixing = (f"mixup alpha {mix.mixup_alpha:g}, CutMix alpha {mix.cutmix_alpha:g} "
@@ -727,7 +744,8 @@ def describe_run(config: Config, splits: Splits, model: nn.Module, device: torch
                  if kd.teacher else "")
     return (
         f"run {run_dir}: {config.model.name} width {config.model.width} ({n_params:,} "
-        f"parameters) on {world.size} x {device.type}, amp {amp_dtype or 'off'}; "
+        f"parameters) on {world.size} x {device.type} ({torch.get_num_threads()} threads), "
+        f"{precision.reason}; "
         f"{len(splits.train.labels):,} train / {len(splits.val.labels):,} val / "
         f"{len(splits.test.labels) if splits.test else 0:,} test images, "
         f"{len(splits.classes)} classes; {optim.name}{' nesterov' if optim.nesterov else ''} "
@@ -737,9 +755,10 @@ def describe_run(config: Config, splits: Splits, model: nn.Module, device: torch
 
 
 def finish(config: Config, splits: Splits, model: nn.Module, device: torch.device,
-           amp_dtype: torch.dtype | None, run_dir: Path, progress: Progress, epochs_run: int,
+           precision: Precision, run_dir: Path, progress: Progress, epochs_run: int,
            selected: str, world: World, teacher: Teacher | None = None) -> FitResult:
     """Test best.pt, write result.json (rank 0) and return the result."""
+    amp_dtype = precision.dtype
     train_seconds = progress.seconds()
     if not distributed.same_on_all_ranks(list(model.state_dict().values())):
         raise TrainingFailed("the ranks ended with different weights; this is a bug in the "
@@ -751,7 +770,8 @@ def finish(config: Config, splits: Splits, model: nn.Module, device: torch.devic
         best = checkpoint.load(run_dir / "best.pt")
         model.load_state_dict(best["model"])
         test = evaluate(model, splits.test, splits.mean, splits.std, device,
-                        amp_dtype=amp_dtype, world=world, flip=config.tta_flip)
+                        amp_dtype=amp_dtype, world=world, flip=config.tta_flip,
+                        translate=config.tta_translate)
         test_acc = test.acc
         test_per_class = [None if np.isnan(a) else a for a in test.per_class_acc]
         test_confusion = test.confusion.tolist()
@@ -781,6 +801,9 @@ def finish(config: Config, splits: Splits, model: nn.Module, device: torch.devic
             "std": list(splits.std),
         },
         teacher=teacher.summary() if teacher is not None else None,
+        precision=precision.name,
+        precision_reason=precision.reason,
+        threads=torch.get_num_threads(),
     )
     if world.is_main:
         text = json.dumps(asdict(result), indent=2) + "\n"

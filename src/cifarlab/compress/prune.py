@@ -137,14 +137,18 @@ def prune_copy(model: nn.Module, base_args: dict[str, Any], ratio: float, import
     pruned = copy.deepcopy(model).cpu().eval()
     example = torch.randn(1, 3, 32, 32)
     head = classifier(pruned)
+    # Frozen layers (airbench's whitening filters, set from data) keep their channels.
+    frozen = [m for m in pruned.modules()
+              if isinstance(m, nn.Conv2d) and not m.weight.requires_grad]
     ratios = {m: layer_ratio(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features,
                              ratio, round_to)
-              for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not head}
+              for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              and m is not head and m not in frozen}
     with warnings.catch_warnings():  # torch-pruning's notes on layers it leaves alone
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
             pruned, example, importance=_importance(importance), pruning_ratio=ratio,
-            pruning_ratio_dict=ratios, iterative_steps=steps, ignored_layers=[head])
+            pruning_ratio_dict=ratios, iterative_steps=steps, ignored_layers=[head, *frozen])
         for _ in range(steps):
             if importance == "taylor":
                 _gradients(pruned, batches)
@@ -264,10 +268,10 @@ def prune_run(path: str | Path, config: Config, measure: str, fraction: float,
         raise UserError(f"--data {config.data.source}: classes {splits.classes} are not the "
                         f"checkpoint's {ckpt['classes']}; give data of the same classes")
     cpu = torch.device("cpu")
-    flip = checkpoint.tta_flip(ckpt)
+    tta = {"flip": checkpoint.tta_flip(ckpt), "translate": checkpoint.tta_translate(ckpt)}
 
     def val_acc(model: nn.Module) -> float:
-        return evaluate(model, splits.val, ckpt["mean"], ckpt["std"], cpu, flip=flip).acc
+        return evaluate(model, splits.val, ckpt["mean"], ckpt["std"], cpu, **tta).acc
 
     batches = (taylor_batches(splits.train.images, splits.train.labels, ckpt["mean"],
                               ckpt["std"], config.seed) if importance == "taylor" else ())

@@ -26,7 +26,8 @@ def train_transform(
     if max(aug.brightness, aug.contrast, aug.saturation, aug.hue) > 0:
         ops.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
     if aug.crop_padding > 0:
-        ops.append(v2.RandomCrop(32, padding=aug.crop_padding))
+        ops.append(v2.RandomCrop(32, padding=aug.crop_padding,
+                                 padding_mode=aug.crop_padding_mode))
     if aug.translate > 0:
         ops.append(v2.RandomAffine(degrees=0, translate=(aug.translate, aug.translate)))
     if aug.policy == "trivialaugment":

@@ -265,12 +265,20 @@ def draw_translate(
     return torch.stack([_uniform(n, generator, -m, m) for m in limits], 1).round_().long()
 
 
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices past either border mirrored back inside, without repeating the border pixel
+    (torchvision's padding_mode "reflect"); for paddings below `size`."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
 def crop_translate(
-    x: torch.Tensor, crop: torch.Tensor | None, translate: torch.Tensor | None, padding: int
+    x: torch.Tensor, crop: torch.Tensor | None, translate: torch.Tensor | None, padding: int,
+    reflect: bool = False,
 ) -> torch.Tensor:
-    """Zero-pad by `padding` and crop at `crop` (RandomCrop), then shift by `translate`
-    with zero fill (RandomAffine's nearest-neighbour translation by whole pixels): both are
-    integer shifts, so one gather does them; exact."""
+    """Pad by `padding` (zeros, or the mirrored border with `reflect`) and crop at `crop`
+    (RandomCrop), then shift by `translate` with zero fill (RandomAffine's nearest-neighbour
+    translation by whole pixels): both are integer shifts, so one gather does them; exact."""
     n, c, h, w = x.shape
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     src_r, src_c = rows.expand(n, h), cols.expand(n, w)
@@ -278,6 +286,8 @@ def crop_translate(
     if crop is not None:
         src_r = src_r + (crop[:, :1] - padding)
         src_c = src_c + (crop[:, 1:] - padding)
+        if reflect:
+            src_r, src_c = _reflect(src_r, h), _reflect(src_c, w)
     if translate is not None:
         tx, ty = translate[:, :1], translate[:, 1:]
         src_r, src_c = src_r - ty, src_c - tx
@@ -389,7 +399,8 @@ class BatchAugment:
         if params.jitter is not None:
             x = color_jitter(x, params.jitter)
         if params.crop is not None or params.translate is not None:
-            x = crop_translate(x, params.crop, params.translate, self.aug.crop_padding)
+            x = crop_translate(x, params.crop, params.translate, self.aug.crop_padding,
+                               self.aug.crop_padding_mode == "reflect")
         if params.policy is not None:
             x = self.policy.apply(x, params.policy)
         x = normalize(x.contiguous(memory_format=memory_format(x.device)), self.mean, self.std)
@@ -397,8 +408,12 @@ class BatchAugment:
             x = erase(x, params.erase)
         return _cutout(x, params.cutout, self.aug.cutout) if params.cutout is not None else x
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 flip: torch.Tensor | None = None) -> torch.Tensor:
+        """`flip`: which images to mirror, in place of random flips (alternating flips)."""
         params = self.draw(len(images), tuple(_nchw(images).shape[2:]), generator)
+        if flip is not None:
+            params.flip = flip
         return self._apply(images, params)
 
 

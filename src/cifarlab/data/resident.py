@@ -6,6 +6,10 @@ EpochBatchSampler shard per epoch, so both paths see the same images at each ste
 ranks take the same disjoint shards. A batch's augmentation draws from a generator seeded
 with (seed, epoch, step, rank), so a run resumed at any step reproduces the batches of an
 uninterrupted run and nothing depends on the history of a random stream.
+
+Alternating flips (data.augment.flip_mode "alternate"): each image gets one random bit from
+the run's seed, and is mirrored in the epochs where that bit and the epoch's parity differ,
+so every image is seen both ways in every two epochs (Jordan, 2024).
 """
 
 from __future__ import annotations
@@ -37,10 +41,15 @@ class ResidentLoader:
         labels: torch.Tensor,
         augment: BatchAugment,
         sampler: EpochBatchSampler,
+        alternate_flip: bool = False,
     ) -> None:
         self.images, self.labels = images, labels  # (N, H, W, C) uint8, (N,) int64
         self.augment, self.sampler = augment, sampler
         self.generator = torch.Generator(device=images.device)
+        self.flip_start = None  # alternating flips: each image's flip in odd epochs
+        if alternate_flip:
+            bits = torch.Generator().manual_seed(epoch_seed(sampler.seed, -1))
+            self.flip_start = (torch.rand(len(labels), generator=bits) < 0.5).to(images.device)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """The next iteration yields this epoch's batches from `start_step` on."""
@@ -57,7 +66,10 @@ class ResidentLoader:
             index = order[step * batch_size : (step + 1) * batch_size]
             self.generator.manual_seed(batch_seed(self.sampler.seed, epoch, step,
                                                   self.sampler.rank))
-            x = self.augment(self.images.index_select(0, index), self.generator)
+            flip = None
+            if self.flip_start is not None:
+                flip = self.flip_start.index_select(0, index) ^ (epoch % 2 == 0)
+            x = self.augment(self.images.index_select(0, index), self.generator, flip)
             yield x, self.labels.index_select(0, index)
 
 
@@ -83,5 +95,5 @@ def build_resident_loader(
     sampler = train_sampler(len(labels), batch_size, seed, rank=rank, world_size=world_size)
     return ResidentLoader(
         images.to(device), labels.to(device), BatchAugment(aug, mean, std, device, compile_mode),
-        sampler,
+        sampler, alternate_flip=aug.flip_mode == "alternate" and aug.hflip > 0,
     )

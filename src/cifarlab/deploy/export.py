@@ -31,6 +31,7 @@ import cifarlab
 from cifarlab import checkpoint
 from cifarlab.deploy import runtime
 from cifarlab.errors import UserError
+from cifarlab.evaluate import logits_of
 
 FORMATS = ("onnx", "pt2", "safetensors")
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
@@ -55,19 +56,16 @@ class Deployable(nn.Module):
     """The checkpoint's model behind its normalisation: [0, 1] RGB NCHW in, logits out."""
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 flip: bool = False) -> None:
+                 flip: bool = False, translate: bool = False) -> None:
         super().__init__()
         self.model = model.eval()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
-        self.flip = flip
+        self.flip, self.translate = flip, translate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        logits = self.model(x)
-        if self.flip:  # as evaluate.logits_of: the mean with the mirror image's logits
-            logits = (logits + self.model(x.flip(3))) / 2
-        return logits
+        # The test-time augmentation of the run (config.tta_flip, tta_translate).
+        return logits_of(self.model, (x - self.mean) / self.std, self.flip, self.translate)
 
 
 @dataclass
@@ -91,6 +89,7 @@ class Loaded:
             "input_layout": json.dumps("NCHW"),
             "architecture": json.dumps(self.ckpt["model_args"]),
             "tta_flip": json.dumps(self.module.flip),
+            "tta_translate": json.dumps(self.module.translate),
             "split": json.dumps(split),
             "source_checkpoint": json.dumps(str(self.path)),
             # percent, on the validation split of `split` (None: the checkpoint records none)
@@ -105,7 +104,8 @@ def load(given: str | Path) -> Loaded:
     ckpt = checkpoint.load(path)
     model = checkpoint.build_model(ckpt, path)
     return Loaded(path, ckpt, Deployable(model, ckpt["mean"], ckpt["std"],
-                                         checkpoint.tta_flip(ckpt)))
+                                         checkpoint.tta_flip(ckpt),
+                                         checkpoint.tta_translate(ckpt)))
 
 
 def parity_images(data: str | None, root: str | Path = "data", n: int = PARITY_IMAGES
@@ -307,7 +307,8 @@ def load_safetensors(path: str | Path) -> Deployable:
             "classes": json.loads(meta["classes"])}
     model = checkpoint.build_model(ckpt, path)
     return Deployable(model, json.loads(meta["mean"]), json.loads(meta["std"]),
-                      json.loads(meta["tta_flip"]))
+                      json.loads(meta["tta_flip"]),
+                      json.loads(meta.get("tta_translate", "false")))
 
 
 def export(given: str | Path, out: str | Path | None = None, fmt: str = "onnx",

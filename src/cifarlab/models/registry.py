@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,6 +79,16 @@ def create_model(name: str, num_classes: int = 10, **arch_args: Any) -> nn.Modul
     return model
 
 
+def initialise_from_data(model: nn.Module, images: np.ndarray, mean: Sequence[float],
+                         std: Sequence[float]) -> None:
+    """Let a model whose layers are set from data (`init_from_data`, as airbench's whitening
+    layer) see the training images (uint8 NHWC) and their normalisation; others are left as
+    they are."""
+    init = getattr(model, "init_from_data", None)
+    if init is not None:
+        init(images, mean, std)
+
+
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
     """The shape of every Conv2d, Linear and BatchNorm2d in `model`, by module name."""
     shapes = {}
@@ -114,8 +125,8 @@ def _reshape(model: nn.Module, name: str, shape: list[int]) -> None:
     elif isinstance(old, nn.Linear) and len(shape) == 2:
         new = nn.Linear(shape[0], shape[1], old.bias is not None)
     elif isinstance(old, nn.BatchNorm2d) and len(shape) == 1:
-        new = nn.BatchNorm2d(shape[0], old.eps, old.momentum, old.affine,
-                             old.track_running_stats)
+        # Its own class: a subclass (airbench's frozen-scale BatchNorm) keeps what it is.
+        new = type(old)(shape[0], old.eps, old.momentum, old.affine, old.track_running_stats)
     else:
         raise ValueError(f"layer '{name}' is a {type(old).__name__}, not of shape {shape}")
     device = next(itertools.chain(old.parameters(), old.buffers())).device

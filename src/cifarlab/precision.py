@@ -1,0 +1,112 @@
+"""The device a run trains on, and the precision it trains in.
+
+On CUDA `amp auto` is fp16 autocast with a GradScaler. On the CPU the choice is measured:
+oneDNN runs bfloat16 convolutions natively only on CPUs with AVX512_BF16 or AMX (where they
+can be several times faster than float32); elsewhere bfloat16 is emulated and slower, so it
+is refused when asked for, and `auto` keeps float32. Where it is native, `auto` times a few
+training steps of the run's own model at its batch size in both precisions and takes
+bfloat16 only when it is clearly faster (MIN_BF16_SPEEDUP). The choice and its reason are
+said at the start of the run and written into its report.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.errors import UserError
+
+MIN_BF16_SPEEDUP = 1.15  # below this, float32's exact numerics win
+TIMED_STEPS = 3  # per precision, after one warm-up step
+MAX_TIMED_BATCH = 256  # the timing batch: the run's, capped so that timing stays short
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype | None  # autocast dtype; None: float32
+    reason: str  # why, in words, for the log and the report
+
+    @property
+    def name(self) -> str:
+        return {None: "float32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def cpu_capability() -> str:
+    """The CPU's vector extension as PyTorch dispatches to it (e.g. AVX2, AVX512)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def native_cpu_bf16() -> bool:
+    """Whether oneDNN has native bfloat16 kernels on this CPU (AVX512_BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of setting `amp`, or None for float32, without measuring: `auto`
+    on the CPU is float32 here (see choose)."""
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """Refuse a precision this device cannot run well, before any work is done."""
+    if device.type == "cpu" and amp == "bf16" and not native_cpu_bf16():
+        raise UserError(f"--amp bf16: this CPU ({cpu_capability()}) has no native bfloat16 "
+                        "in oneDNN (it needs AVX512_BF16 or AMX), so bfloat16 would run "
+                        "emulated and slower than float32; use --amp auto or --amp off")
+
+
+def choose(amp: str, device: torch.device, model: nn.Module, batch_size: int,
+           layout: torch.memory_format, num_classes: int) -> Precision:
+    """The precision a run trains in, and why."""
+    check_amp(amp, device)
+    if amp != "auto" or device.type == "cuda":
+        dtype = resolve_amp(amp, device)
+        how = "asked for" if amp != "auto" else "the CUDA default"
+        return Precision(dtype, f"{'float32' if dtype is None else dtype} ({how})")
+    if not native_cpu_bf16():
+        return Precision(None, f"float32: this CPU ({cpu_capability()}) has no native "
+                               "bfloat16 in oneDNN")
+    fp32, bf16 = (step_seconds(model, min(batch_size, MAX_TIMED_BATCH), layout, num_classes,
+                               dtype) for dtype in (None, torch.bfloat16))
+    speedup = fp32 / bf16
+    if speedup >= MIN_BF16_SPEEDUP:
+        return Precision(torch.bfloat16, f"bfloat16 autocast: measured {speedup:.2f}x "
+                                         "float32's speed on this CPU's native bfloat16")
+    return Precision(None, f"float32: bfloat16 measured only {speedup:.2f}x float32's speed "
+                           f"here (needs {MIN_BF16_SPEEDUP}x)")
+
+
+def step_seconds(model: nn.Module, batch_size: int, layout: torch.memory_format,
+                 num_classes: int, dtype: torch.dtype | None) -> float:
+    """Median seconds of a forward-backward-SGD step of a copy of `model` on random data."""
+    model = copy.deepcopy(model).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+    x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=layout)
+    y = torch.randint(0, num_classes, (batch_size,))
+    times = []
+    for i in range(TIMED_STEPS + 1):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i:  # the first step allocates and picks kernels
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
