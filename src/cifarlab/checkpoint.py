@@ -99,6 +99,34 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
     return leftovers
 
 
+# The files a run rewrites or appends to in its folder (train.py, report.py, prune.py), and
+# the folder it writes TensorBoard's event files into.
+RUN_FILES = ("config.yaml", "train.log", "metrics.csv", "last.pt", "best.pt", "result.json",
+             RUN_ID_FILE, "prune.json", "report.md", "report.html", "curves.png",
+             "confusion.png")
+RUN_SUBFOLDERS = ("tensorboard",)
+
+
+def check_run_files(folder: str | Path, names: tuple[str, ...] = RUN_FILES + RUN_SUBFOLDERS
+                    ) -> None:
+    """Refuse a run folder where one of `names` is a symbolic link, or a file the run writes
+    is not a regular file. Appending follows a link (a run's log would go into a file
+    elsewhere), a link's target would be read as the run's own checkpoint or settings, and a
+    FIFO would block the run."""
+    folder = Path(folder)
+    for name in names:
+        path = folder / name
+        if path.is_symlink():
+            problem = "a symbolic link"
+        elif name in RUN_FILES and path.exists() and not path.is_file():
+            problem = "not a regular file"
+        else:
+            continue
+        raise UserError(f"{path}: {problem}, where the run keeps its own {name}; a run "
+                        "folder's files must be regular files in it: replace it with the file "
+                        "itself, or remove it")
+
+
 def in_run_folder(path: str | Path) -> Path:
     """`path` itself, or for a run folder its best.pt (UserError when it has none)."""
     path = Path(path)

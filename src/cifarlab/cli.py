@@ -354,7 +354,10 @@ def resume_config(args: argparse.Namespace) -> cfg.Config:
     """The run's own config, with the changes given on the command line if allowed."""
     if args.preset:
         raise UserError("--resume continues a run with its own settings; drop --preset")
+    from cifarlab.checkpoint import check_run_files
+
     saved_path = Path(args.resume) / "config.yaml"
+    check_run_files(args.resume)
     if not saved_path.is_file():
         raise UserError(f"--resume {args.resume}: no config.yaml there; give a run folder")
     saved = cfg.from_dict(cfg.load_yaml(saved_path, where=str(saved_path)))

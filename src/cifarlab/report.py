@@ -170,6 +170,7 @@ def write_report(run_dir: str | Path, against: str | Path | None = None) -> Path
     Raises UserError for a folder that is not a run, or when the files cannot be written.
     """
     run_dir = Path(run_dir)
+    checkpoint.check_run_files(run_dir, (REPORT_MD, REPORT_HTML, CURVES_PNG, CONFUSION_PNG))
     if against is None:
         run, other = read_run(run_dir), None
     else:

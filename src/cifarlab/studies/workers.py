@@ -37,7 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
+from cifarlab.errors import TrainingFailed, TrainingInterrupted
+from cifarlab.locks import hold, worker_id
 
 log = logging.getLogger("cifarlab")
 
@@ -48,10 +49,6 @@ CLAIM_WAIT = 30.0  # at most, for the trials before one to record their run name
 
 class Dropped(Exception):
     """A trial that gave its place up to another one (the same run, or the budget is taken)."""
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # ------------------------------------------------------------------------ one worker's loop
@@ -238,25 +235,11 @@ def folder_lock(folder: Path, storage: str | None) -> Iterator[None]:
     if storage is not None:
         yield
         return
-    import fcntl
-
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"--out {folder}: another cifarlab sweep ({holder}) runs this "
-                            "study; wait for it, give it more --workers, or use --storage "
-                            "with a database for several commands") from None
-        f.truncate(0)
-        f.write(worker_id())
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
+    with hold(folder / LOCK_FILE, lambda holder: (
+            f"--out {folder}: another cifarlab sweep ({holder}) runs this study; wait for it, "
+            "give it more --workers, or use --storage with a database for several commands")):
+        yield
 
 
 def placement(workers: int) -> list[dict[str, str]]:
