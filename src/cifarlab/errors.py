@@ -15,7 +15,8 @@ class TrainingFailed(Exception):
 
 
 class TrainingInterrupted(Exception):
-    """A SIGINT or SIGTERM stopped training after saving `last.pt`: exit code 128 + signal."""
+    """A SIGINT, SIGTERM or SIGHUP stopped training after saving `last.pt`: exit code 128 +
+    signal."""
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)

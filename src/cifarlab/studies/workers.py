@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab.errors import TrainingFailed, TrainingInterrupted
+from cifarlab.interrupt import STOP_SIGNALS
 from cifarlab.locks import hold, worker_id
 
 log = logging.getLogger("cifarlab")
@@ -299,7 +300,7 @@ def run_workers(optuna_study: Any, study: Any, folder: Path, workers: int, study
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     failed: list[str] = []
     try:
         for i, env in enumerate(placement(workers)):
