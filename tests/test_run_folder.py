@@ -117,3 +117,31 @@ def test_a_second_train_into_a_held_new_run_folder_is_refused(tmp_path, capsys):
     # The lock a finished holder leaves behind does not make the folder a used one.
     assert main(["train", *TINY, "--out", str(tmp_path), "--name", "same"]) == 0
     assert (folder / "result.json").exists()
+
+
+@pytest.fixture(params=[0o022, 0o077])
+def umask(request):
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def test_an_atomic_write_respects_the_umask(umask, tmp_path):
+    from cifarlab import checkpoint
+
+    path = tmp_path / "file.txt"
+    checkpoint.write_atomic(path, lambda f: f.write(b"new"))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    path.chmod(0o600)  # a rewrite is a new file: the umask's mode again
+    checkpoint.write_atomic(path, lambda f: f.write(b"newer"))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask and path.read_bytes() == b"newer"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]  # no temporary file left
+
+
+def test_every_file_a_run_writes_respects_the_umask(umask, tmp_path):
+    assert main(["train", *TINY, "--out", str(tmp_path), "--name", "r"]) == 0
+    files = [p for p in (tmp_path / "r").rglob("*") if p.is_file()]
+    assert {"best.pt", "last.pt", "config.yaml", "metrics.csv", "result.json", "report.html",
+            "curves.png", "train.log", RUN_LOCK} <= {p.name for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.name: oct(0o666 & ~umask) for p in files}

@@ -33,7 +33,7 @@ def hold(path: str | Path, busy: Callable[[str], str]) -> Iterator[None]:
 
     path = Path(path)
     try:  # O_NOFOLLOW: a symbolic link put in the lock's place is refused, not followed
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as e:
         raise UserError(f"cannot take the lock {path} ({e.strerror or e}); make it a regular "
                         "file in a writable folder") from None

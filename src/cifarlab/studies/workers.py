@@ -193,7 +193,7 @@ class RunLock:
         told = False
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 if self.abandoned():
                     with contextlib.suppress(FileNotFoundError):
