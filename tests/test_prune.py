@@ -19,6 +19,8 @@ from cifarlab.compress import prune
 from cifarlab.models import LAYERS, MODELS, architecture, create_model, model_args
 from cifarlab.profile import model_size
 
+pytest.importorskip("torch_pruning")  # prune runs on torch-pruning; without it they skip
+
 
 def outputs(model: nn.Module, seed: int = 0) -> torch.Tensor:
     with torch.no_grad():

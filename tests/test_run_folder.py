@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -75,9 +76,11 @@ HOLDER = textwrap.dedent("""
 
 def held_by_another_process(lock):
     """A process that holds the lock file `lock` until its stdin is closed."""
+    src = str(Path(__file__).parents[1] / "src")  # this checkout's cifarlab
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            env={**os.environ, "PYTHONPATH": path})
     assert proc.stdout.readline() == "held\n"
     return proc
 

@@ -498,9 +498,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         ckpt = checkpoint.load(checkpoint_file(args.checkpoint))
         arch = ckpt["model_args"]
         width = ((ckpt.get("config") or {}).get("model") or {}).get("width", args.width)
-        profile = profile_model(arch["name"], arch["num_classes"], width, args=arch)
+        profile = profile_model(arch["name"], arch["num_classes"], width, args=arch,
+                                table=not args.json)
     else:
-        profile = profile_model(args.model, classes=args.classes, width=args.width)
+        profile = profile_model(args.model, classes=args.classes, width=args.width,
+                                table=not args.json)
     if args.json:
         fields: dict[str, Any] = asdict(profile)
         fields.pop("table")

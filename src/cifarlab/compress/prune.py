@@ -37,7 +37,7 @@ from torch import nn
 from cifarlab import checkpoint
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import normalize
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, import_package
 from cifarlab.models import LAYERS, MODELS, architecture
 from cifarlab.profile import model_size
 from cifarlab.step import memory_format
@@ -127,12 +127,8 @@ def classifier(model: nn.Module) -> nn.Module:
 
 
 def _torch_pruning() -> Any:
-    try:
-        import torch_pruning
-    except ImportError:
-        raise UserError("prune needs the torch-pruning package; install it with: pip install "
-                        "'cifarlab[compress]'") from None
-    return torch_pruning
+    return import_package("torch_pruning", "torch-pruning", "prune",
+                          "pip install 'cifarlab[compress]'")
 
 
 def _importance(kind: str) -> Any:
