@@ -50,3 +50,6 @@ def hold(path: str | Path, busy: Callable[[str], str]) -> Iterator[None]:
         finally:
             f.seek(0)
             f.truncate(0)
+            # Unlocked, not only closed: a process forked meanwhile (a DataLoader worker)
+            # shares the open file, and closing ours alone would leave it locked.
+            fcntl.flock(f, fcntl.LOCK_UN)
