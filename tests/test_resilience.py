@@ -428,6 +428,9 @@ def test_a_signal_to_the_process_group_is_a_graceful_stop(reference, tmp_path, s
     assert_same_run(reference, run_dir)  # the number of workers changes nothing
 
 
+SEND = "import os, sys; os.kill(*map(int, sys.argv[1:]))"  # a signal from another process
+
+
 def _a_loader_worker(ready) -> None:
     from cifarlab.interrupt import worker_signals
 
@@ -448,7 +451,7 @@ def test_a_loader_worker_ignores_stop_signals_but_its_parents_sigterm():
     try:
         assert ready.wait(30)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # sent by another process
-            subprocess.run(["kill", f"-{signal.Signals(sig).name[3:]}", str(worker.pid)],
+            subprocess.run([sys.executable, "-c", SEND, str(worker.pid), str(int(sig))],
                            check=True)
         for sig in (signal.SIGINT, signal.SIGHUP):  # its parent's, but not the loader's way
             os.kill(worker.pid, sig)
