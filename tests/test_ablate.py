@@ -19,6 +19,8 @@ from cifarlab.studies.ablate import ablation_study, enhancements
 from cifarlab.studies.spec import load_study
 from cifarlab.studies.summary import load
 
+pytest.importorskip("optuna")  # ablations are studies on Optuna; without it they skip
+
 TINY = {"epochs": 1, "model.width": 4, "data.workers": 0, "batch_size": 64,
         "data.source": "synthetic:100"}
 TINY_FLAGS = ["--data", "synthetic:100", "--epochs", "1", "--set", "model.width=4",

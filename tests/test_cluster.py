@@ -22,6 +22,8 @@ import yaml
 from cifarlab.cli import main
 from cifarlab.studies.summary import load
 
+pytest.importorskip("optuna")  # studies run on Optuna; without it they skip
+
 TINY = {"model.width": 4, "data.workers": 0, "batch_size": 64, "optim.warmup_epochs": 1,
         "data.source": "synthetic:200"}
 WAIT = 120  # seconds any subprocess here may take before the test fails

@@ -19,6 +19,8 @@ from cifarlab.compress import prune
 from cifarlab.models import LAYERS, MODELS, architecture, create_model, model_args
 from cifarlab.profile import model_size
 
+pytest.importorskip("torch_pruning")  # prune runs on torch-pruning; without it they skip
+
 
 def outputs(model: nn.Module, seed: int = 0) -> torch.Tensor:
     with torch.no_grad():
@@ -250,3 +252,51 @@ def test_a_pruned_model_fine_tunes_with_its_parent_as_teacher_and_teaches_in_tur
     student = json.loads((tmp_path / "student" / "result.json").read_text())
     assert student["teacher"]["model_args"] == checkpoint.load(pruned_run / "best.pt")[
         "model_args"]
+
+
+def recorded(trained_run, tmp_path, **changes):
+    """The trained run's best.pt with its recorded config changed (dotted keys): a
+    checkpoint handed over by someone else."""
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    for key, value in changes.items():
+        *parents, leaf = key.split("__")
+        section = ckpt["config"]
+        for part in parents:
+            section = section[part]
+        section[leaf] = value
+    path = tmp_path / "handed-over.pt"
+    checkpoint.save_atomic(ckpt, path)
+    return path
+
+
+def test_prune_takes_no_path_from_the_checkpoint(trained_run, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = recorded(trained_run, tmp_path, out=str(elsewhere / "runs"),
+                    data__root=str(elsewhere / "data"), data__test_source=str(elsewhere / "t"),
+                    distill__teacher=str(trained_run))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["prune", str(path), "--ratio", "0.5", "--round-to", "2", "--epochs", "1",
+                 "--name", "p"]) == 0
+    assert list(elsewhere.iterdir()) == []  # no run folder, no data cache there
+    result = json.loads((work / "runs" / "p" / "result.json").read_text())
+    assert result.get("teacher") is None  # the recorded teacher was not opened
+    config = (work / "runs" / "p" / "config.yaml").read_text()
+    assert str(elsewhere) not in config and "teacher: ''" in config
+    assert "source: synthetic:300" in config  # a source named by a keyword is kept
+
+
+def test_prune_asks_for_the_data_of_a_checkpoint_trained_on_a_path(trained_run, tmp_path,
+                                                                    monkeypatch, capsys):
+    path = recorded(trained_run, tmp_path, data__source="/etc")
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", str(path), "--ratio", "0.5", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give the data with --data PATH" in err
+    assert not (tmp_path / "runs").exists()
+    # The user's own --data is used; the recorded one is not read.
+    assert main(["prune", str(path), "--ratio", "0.5", "--epochs", "1",
+                 "--data", str(tmp_path / "missing")]) == 2
+    assert "--data " + str(tmp_path / "missing") in capsys.readouterr().err

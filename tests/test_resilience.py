@@ -406,17 +406,60 @@ def test_a_checkpoint_that_runs_code_when_unpickled_does_not_run_it(tmp_path, ca
     assert not RunsCode.marker.exists()
 
 
-def test_ctrl_c_reaching_the_loader_workers_too_is_a_graceful_stop(reference, tmp_path):
-    """A terminal's Ctrl-C goes to the whole process group, DataLoader workers included."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                       (signal.SIGHUP, 129)])
+def test_a_signal_to_the_process_group_is_a_graceful_stop(reference, tmp_path, sig, code):
+    """A terminal's Ctrl-C or hang-up, `timeout`, a job scheduler's SIGTERM, `kill --
+    -PGID`: they signal the whole process group, DataLoader workers included."""
     run_dir = tmp_path / "group"
-    proc = cifarlab(*TRAIN, "--workers", "1", "--out", str(tmp_path), "--name", "group",
-                    start_new_session=True)
+    proc = cifarlab(*TRAIN, "--workers", "1", "--loader", "torchvision", "--out",
+                    str(tmp_path), "--name", "group", start_new_session=True)
     wait_for_epochs(run_dir, 1, proc)
     time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     returncode, _, err = finish(proc)
-    assert returncode == 130 and "Traceback" not in err
-    assert "stopped by SIGINT at epoch" in err and "--resume" in err  # the graceful path
+    assert returncode == code and "Traceback" not in err and "killed by signal" not in err
+    name = signal.Signals(sig).name
+    assert f"stopped by {name} at epoch" in err  # the graceful path
+    assert f"continue with: cifarlab train --resume {run_dir}" in err
+    assert tuple(checkpoint.load(run_dir / "last.pt")["train_state"]["position"]) > (1, 0)
     returncode, _, err = finish(cifarlab("train", "--resume", str(run_dir)))
     assert returncode == 0, err
     assert_same_run(reference, run_dir)  # the number of workers changes nothing
+
+
+SEND = "import os, sys; os.kill(*map(int, sys.argv[1:]))"  # a signal from another process
+
+
+def _a_loader_worker(ready) -> None:
+    from cifarlab.interrupt import worker_signals
+
+    worker_signals(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_loader_worker_ignores_stop_signals_but_its_parents_sigterm():
+    """Signals from elsewhere (the group's) are left to the main process; the loader's own
+    `terminate` of a stuck worker still ends it."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_a_loader_worker, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # sent by another process
+            subprocess.run([sys.executable, "-c", SEND, str(worker.pid), str(int(sig))],
+                           check=True)
+        for sig in (signal.SIGINT, signal.SIGHUP):  # its parent's, but not the loader's way
+            os.kill(worker.pid, sig)
+        worker.join(1.0)
+        assert worker.is_alive()
+        worker.terminate()  # SIGTERM from its parent, as the loader ends a stuck worker
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()

@@ -8,7 +8,6 @@ import os
 import signal
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 
@@ -18,6 +17,8 @@ from cifarlab.config import apply_dict, nest
 from cifarlab.presets import get_preset
 from cifarlab.studies import stats
 from cifarlab.studies.sweep import JOURNAL_FILE, STUDY_FILE, open_study, run_name
+
+optuna = pytest.importorskip("optuna")  # studies run on Optuna; without it they skip
 
 TINY = {"epochs": 1, "model.width": 4, "data.workers": 0, "batch_size": 64,
         "optim.warmup_epochs": 1, "data.source": "synthetic:200"}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -47,7 +46,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None],
     raises when the file is not good), rename over, fsync the folder.
     On any error the temporary file is removed and the old file is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -64,6 +63,20 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None],
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file beside `path`, `.NAME.<random>.tmp`, open for writing. Created with mode
+    0666 less the umask, as open() creates files (0644 under umask 022): mkstemp's 0600
+    would stay with the file once renamed, and make every checkpoint, report and model
+    private whatever the umask."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def new_run_id() -> str:
@@ -97,6 +110,34 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers
+
+
+# The files a run rewrites or appends to in its folder (train.py, report.py, prune.py), and
+# the folder it writes TensorBoard's event files into.
+RUN_FILES = ("config.yaml", "train.log", "metrics.csv", "last.pt", "best.pt", "result.json",
+             RUN_ID_FILE, "prune.json", "report.md", "report.html", "curves.png",
+             "confusion.png")
+RUN_SUBFOLDERS = ("tensorboard",)
+
+
+def check_run_files(folder: str | Path, names: tuple[str, ...] = RUN_FILES + RUN_SUBFOLDERS
+                    ) -> None:
+    """Refuse a run folder where one of `names` is a symbolic link, or a file the run writes
+    is not a regular file. Appending follows a link (a run's log would go into a file
+    elsewhere), a link's target would be read as the run's own checkpoint or settings, and a
+    FIFO would block the run."""
+    folder = Path(folder)
+    for name in names:
+        path = folder / name
+        if path.is_symlink():
+            problem = "a symbolic link"
+        elif name in RUN_FILES and path.exists() and not path.is_file():
+            problem = "not a regular file"
+        else:
+            continue
+        raise UserError(f"{path}: {problem}, where the run keeps its own {name}; a run "
+                        "folder's files must be regular files in it: replace it with the file "
+                        "itself, or remove it")
 
 
 def in_run_folder(path: str | Path) -> Path:

@@ -343,11 +343,21 @@ def resolve_config(args: argparse.Namespace, base: cfg.Config | None = None) -> 
     return config.validate()
 
 
+def sets(args: argparse.Namespace, key: str) -> bool:
+    """Whether the command line sets `key`: by its dedicated flag or by --set."""
+    flag = next((f for f, (k, _, _) in TRAIN_FLAGS.items() if k == key), None)
+    return ((flag is not None and getattr(args, flag) is not None)
+            or any(text.partition("=")[0].strip() == key for text in args.overrides))
+
+
 def resume_config(args: argparse.Namespace) -> cfg.Config:
     """The run's own config, with the changes given on the command line if allowed."""
     if args.preset:
         raise UserError("--resume continues a run with its own settings; drop --preset")
+    from cifarlab.checkpoint import check_run_files
+
     saved_path = Path(args.resume) / "config.yaml"
+    check_run_files(args.resume)
     if not saved_path.is_file():
         raise UserError(f"--resume {args.resume}: no config.yaml there; give a run folder")
     saved = cfg.from_dict(cfg.load_yaml(saved_path, where=str(saved_path)))
@@ -489,9 +499,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         ckpt = checkpoint.load(checkpoint_file(args.checkpoint))
         arch = ckpt["model_args"]
         width = ((ckpt.get("config") or {}).get("model") or {}).get("width", args.width)
-        profile = profile_model(arch["name"], arch["num_classes"], width, args=arch)
+        profile = profile_model(arch["name"], arch["num_classes"], width, args=arch,
+                                table=not args.json)
     else:
-        profile = profile_model(args.model, classes=args.classes, width=args.width)
+        profile = profile_model(args.model, classes=args.classes, width=args.width,
+                                table=not args.json)
     if args.json:
         fields: dict[str, Any] = asdict(profile)
         fields.pop("table")
@@ -693,7 +705,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from cifarlab import checkpoint
-    from cifarlab.compress.prune import check_architecture, check_target, prune_run
+    from cifarlab.compress.prune import (
+        check_architecture,
+        check_target,
+        prune_run,
+        recorded_data_path,
+        without_paths,
+    )
 
     measure, fraction = next((m, v) for m, v in (("macs", args.target_macs),
                                                  ("params", args.target_params),
@@ -702,10 +720,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     path = checkpoint_file(args.checkpoint)
     ckpt = checkpoint.load(path)
     check_architecture(ckpt["model_args"], path)
-    # The fine-tuning recipe: the checkpoint's own settings, or the recipe given; the
-    # checkpoint's model in either case, and a new run folder (not the parent's name).
+    # The fine-tuning recipe: the checkpoint's own settings less the paths it records
+    # (a checkpoint may come from someone else), or the recipe given; the checkpoint's model
+    # in either case, and a new run folder (not the parent's name).
     saved = cfg.from_dict(ckpt.get("config") or {})
-    recipe = None if args.preset or args.config else saved
+    recipe = None if args.preset or args.config else without_paths(saved)
+    recorded = recorded_data_path(saved)
+    if recipe is not None and recorded is not None and not sets(args, "data.source"):
+        raise UserError(f"checkpoint {path}: its run trained on data from a path "
+                        f"({recorded}), and prune reads no path a checkpoint records; give "
+                        "the data with --data PATH")
     config = resolve_config(args, base=recipe)
     name = None if recipe is not None and config.name == saved.name else config.name
     config = dataclasses.replace(config, name=name, model=dataclasses.replace(

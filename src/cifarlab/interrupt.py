@@ -1,7 +1,8 @@
-"""Graceful stop on SIGINT / SIGTERM, and a way out of a step that never returns.
+"""Graceful stop on SIGINT / SIGTERM / SIGHUP, and a way out of a step that never returns.
 
 The first signal asks the training loop to stop after the current step (it saves `last.pt`
-and exits 130 / 143). A second signal exits at once, with the same code. If no batch
+and exits 130 / 143 / 129; SIGHUP is a dropped terminal or ssh connection, a stop like
+SIGTERM). A second signal exits at once, with the same code. If no batch
 finishes for `grace` seconds after the first signal (a step stuck in native code, such as a
 hung oneDNN kernel), the process exits on its own, with that code and the stacks of its
 threads on stderr. Checkpoints are written atomically, so exiting at any instant leaves the
@@ -29,6 +30,9 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 
+# What stops a run: Ctrl-C, a job scheduler's or `timeout`'s SIGTERM, a dropped terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 _last_progress = time.monotonic()
 _DONE = 0  # written to the wakeup pipe by __exit__ (no signal has the number 0)
 _seen: list[list[int]] = []  # the lists of the open `signals_seen` blocks
@@ -54,11 +58,11 @@ def signals_seen() -> Iterator[list[int]]:
 
 
 class StopRequest:
-    """While active, records the first SIGINT/SIGTERM in `signum` instead of dying; a second
+    """While active, records the first of STOP_SIGNALS in `signum` instead of dying; a second
     one, or `grace` seconds without a heartbeat after the first, ends the process at once.
     `note` is added to the line printed then (e.g. how to resume)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, grace: float = 60.0, note: str = "") -> None:
         self.grace, self.note = grace, note
@@ -151,12 +155,35 @@ class StopRequest:
 
 
 def worker_signals(worker_id: int) -> None:
-    """DataLoader worker init. Ctrl-C reaches the whole process group, but only the main
-    process decides when to stop: a worker killed by it would break the loader. A forked
-    worker also inherits the main process's handlers and wakeup fd: its own SIGTERM (the
-    loader ends stuck workers with one) must end it, not reach the main process's pipe."""
+    """DataLoader worker init. A signal to the whole process group (Ctrl-C, `timeout`,
+    Slurm's scancel, `kill -- -PGID`, a dropped terminal) reaches the workers too, but only
+    the main process decides when to stop: it saves last.pt and shuts the loader down, and a
+    worker killed by the signal would break the loader first (`DataLoader worker ... is
+    killed by signal`). So the workers ignore the stop signals, but for one: the SIGTERM
+    their own parent sends, which is how the loader ends a worker stuck at shutdown
+    (`terminate`). A forked worker also inherits the main process's handlers and wakeup fd,
+    which must not see the worker's signals."""
     inherited = signal.set_wakeup_fd(-1)
     if inherited != -1:
         os.close(inherited)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; ignore them all
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        return
+    # Blocked here, before any other thread of the worker starts (threads inherit the mask),
+    # and taken by one thread that sees who sent each. Only the main thread may set a
+    # disposition: SIGTERM's default (death) is set now, for when that thread lets one in.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=_worker_signal_loop, args=(os.getppid(),), daemon=True,
+                     name="cifarlab-worker-signals").start()
+
+
+def _worker_signal_loop(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            # Die by the signal itself, as the loader expects of `terminate`: this thread
+            # alone lets it in.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -23,7 +23,7 @@ from cifarlab import __version__, checkpoint
 from cifarlab.config import flat_settings
 from cifarlab.errors import UserError
 from cifarlab.plots import confusion_figure, curves_figure, figure_bytes
-from cifarlab.profile import ModelProfile, profile_model
+from cifarlab.profile import ModelProfile, has_layer_tables, profile_model
 from cifarlab.runs import Run, read_run, read_runs
 
 REPORT_MD = "report.md"
@@ -170,6 +170,7 @@ def write_report(run_dir: str | Path, against: str | Path | None = None) -> Path
     Raises UserError for a folder that is not a run, or when the files cannot be written.
     """
     run_dir = Path(run_dir)
+    checkpoint.check_run_files(run_dir, (REPORT_MD, REPORT_HTML, CURVES_PNG, CONFUSION_PNG))
     if against is None:
         run, other = read_run(run_dir), None
     else:
@@ -177,8 +178,10 @@ def write_report(run_dir: str | Path, against: str | Path | None = None) -> Path
     classes, data = _classes_and_data(run)
     model = run.config.model
     pruning = _read_pruning(run_dir)  # a pruned run's architecture is in prune.json
+    # Without torchinfo the report leaves its layer table out rather than fail at a run's end.
     profile = profile_model(model.name, classes=len(classes), width=model.width,
-                            args=pruning["model_args"] if pruning else None)
+                            args=pruning["model_args"] if pruning else None,
+                            table=has_layer_tables())
 
     figures = {CURVES_PNG: figure_bytes(curves_figure([run] if other is None else [run, other]))}
     confusion = run.result.get("test_confusion") if run.result else None
@@ -381,10 +384,13 @@ def _model_blocks(profile: ModelProfile) -> list[Block]:
         ["FLOPs per image, training step", f"{_giga(profile.flops_train_step)} "
                                            "(forward + backward)"],
     ])
-    return [Text("Per 32x32 image. MACs counted by torchinfo, FLOPs by "
+    layers: Block = (Details("Layer table (torchinfo)", Code(profile.table)) if profile.table
+                     else Text("The layer table needs the torchinfo package (pip install "
+                               "torchinfo), which is not installed here."))
+    return [Text("Per 32x32 image. MACs counted as torchinfo counts them, FLOPs by "
                  "torch.utils.flop_counter: FLOPs = 2 x MACs, a multiply-accumulate being two "
                  "floating-point operations."),
-            table, Details("Layer table (torchinfo)", Code(profile.table))]
+            table, layers]
 
 
 def _read_pruning(run_dir: Path) -> dict[str, Any] | None:

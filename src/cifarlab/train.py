@@ -8,6 +8,7 @@ functions of (seed, epoch, position), see data/loader.py).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cifarlab import checkpoint, distributed, memory
+from cifarlab import checkpoint, distributed, locks, memory
 from cifarlab.config import Config, flat_settings
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.loader import EpochBatchSampler, build_train_loader
@@ -126,9 +127,22 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+# In a run folder while a process trains it (locks.py); an empty one is left behind.
+RUN_LOCK = ".run.lock"
+
+
+def hold_run_folder(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """One process trains a run folder at a time: a second `train` with the same --name, or
+    a second --resume of the run, is refused while the first runs (their checkpoints would
+    overwrite each other's)."""
+    return locks.hold(run_dir / RUN_LOCK, lambda holder: (
+        f"run folder {run_dir} is in use by another cifarlab process ({holder}); wait for it "
+        "to end, or train into another --name"))
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Refuse a used run folder or an unwritable place before any work is done."""
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != RUN_LOCK for p in run_dir.iterdir()):
         raise UserError(f"run folder {run_dir} already exists; choose another --name or --out, "
                         f"or continue it with --resume {run_dir}")
     parent = existing_ancestor(run_dir)
@@ -377,12 +391,14 @@ def fit(config: Config, *, resume: str | Path | None = None,
         raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
                         f"evenly over {world.size} processes; change --batch-size")
     try:
-        return _fit(config, resume, device, world, on_epoch, initial)
+        with contextlib.ExitStack() as held:  # the run folder's lock, once taken
+            return _fit(config, resume, device, world, held, on_epoch, initial)
     finally:
         distributed.shutdown()
 
 
 def _fit(config: Config, resume: str | Path | None, device: torch.device, world: World,
+         held: contextlib.ExitStack,
          on_epoch: Callable[[int, dict[str, float]], None] | None = None,
          initial: dict[str, Any] | None = None) -> FitResult:
     run_dir = Path(resume) if resume else distributed.broadcast(run_dir_for(config))
@@ -392,6 +408,9 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     if resume is None:
         check_run_dir(run_dir)
     else:
+        if world.is_main:  # rank 0 alone writes the folder
+            held.enter_context(hold_run_folder(run_dir))
+            checkpoint.check_run_files(run_dir)
         state = load_resume_state(run_dir, config)
     # Rank 0 decodes and caches the data first; the others then read the cache.
     if not world.is_main:
@@ -430,6 +449,9 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     file_log = None
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:  # a process that started with this one may have taken the folder
+            held.enter_context(hold_run_folder(run_dir))
+            check_run_dir(run_dir)
         for finished in ("result.json", "report.md", "report.html"):
             (run_dir / finished).unlink(missing_ok=True)  # a resumed run is unfinished again
         for leftover in checkpoint.remove_leftovers(run_dir):

@@ -37,7 +37,7 @@ from torch import nn
 from cifarlab import checkpoint
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import normalize
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, import_package
 from cifarlab.models import LAYERS, MODELS, architecture
 from cifarlab.profile import model_size
 from cifarlab.step import memory_format
@@ -88,6 +88,36 @@ def check_architecture(model_args: dict[str, Any], path: str | Path) -> None:
                         f"{', '.join(supported())}")
 
 
+def without_paths(saved: Config) -> Config:
+    """The checkpoint's recorded settings as a fine-tuning recipe, less every path in them.
+    A checkpoint may come from someone else: the folders and files it names (its run's
+    `out`, data root, data and test data on disk, teacher) are where that run read and
+    wrote, never places to read or write now. The defaults stand in for them; the user's
+    flags name others. A data source on disk becomes the default too, which the caller
+    refuses unless the user gives the data (`recorded_data_path`)."""
+    defaults = Config()
+    data = dataclasses.replace(
+        saved.data, root=defaults.data.root,
+        source=saved.data.source if named_source(saved.data.source) else defaults.data.source,
+        test_source=(saved.data.test_source if named_source(saved.data.test_source)
+                     else defaults.data.test_source))
+    return dataclasses.replace(saved, out=defaults.out, data=data,
+                               distill=dataclasses.replace(saved.distill, teacher=""))
+
+
+def named_source(source: str) -> bool:
+    """A data source named by a keyword (no path): cifar10, cifar100, synthetic[:N], or a
+    test source's auto / none."""
+    word = source.strip().lower()
+    return word in ("cifar10", "cifar100", "synthetic", "auto", "none") or word.startswith(
+        "synthetic:")
+
+
+def recorded_data_path(saved: Config) -> str | None:
+    """The data path the checkpoint's run was trained on, if it was a path."""
+    return None if named_source(saved.data.source) else saved.data.source
+
+
 def classifier(model: nn.Module) -> nn.Module:
     """The final Linear layer, which keeps its outputs (one per class)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -97,12 +127,8 @@ def classifier(model: nn.Module) -> nn.Module:
 
 
 def _torch_pruning() -> Any:
-    try:
-        import torch_pruning
-    except ImportError:
-        raise UserError("prune needs the torch-pruning package; install it with: pip install "
-                        "'cifarlab[compress]'") from None
-    return torch_pruning
+    return import_package("torch_pruning", "torch-pruning", "prune",
+                          "pip install 'cifarlab[compress]'")
 
 
 def _importance(kind: str) -> Any:

@@ -121,6 +121,9 @@ def ablate(seeds: int = 3, settings: dict[str, Any] | None = None, out: str | Pa
     """Write the ablation's study.yaml into `out`, run (or continue) it with `workers` trials
     at a time (in the database at `storage`, if given), and summarise it; return the study
     folder, the summary's Markdown and notes on the files written."""
+    from cifarlab.studies.storage import require_optuna
+
+    require_optuna("cifarlab ablate")
     study = ablation_study(seeds, dict(settings or {}), names)
     folder = Path(out if out is not None else DEFAULT_OUT)
     check_folder(folder, study, "ablate")

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, import_package
 
 JOURNAL_FILE = "journal.log"
 SCHEMES = ("postgresql", "mysql")
@@ -25,6 +25,12 @@ CONNECT_TIMEOUT = 10  # seconds to reach the database before giving up
 # Seconds between a running trial's heartbeats, and without one before it is retried.
 # CIFARLAB_HEARTBEAT="INTERVAL,GRACE" sets them (tests use short ones).
 HEARTBEAT = (60, 180)
+
+
+def require_optuna(command: str) -> None:
+    """Refuse `command` at its start, before it writes anything, when Optuna is missing (it
+    is imported where a study is opened; no other command needs it)."""
+    import_package("optuna", "optuna", command, "pip install optuna")
 
 
 def heartbeat() -> tuple[int, int]:

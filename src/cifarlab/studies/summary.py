@@ -407,6 +407,9 @@ def _study_code(study: Study) -> Block:
 
 def summarize_study(folder: str | Path, storage: str | None = None) -> tuple[str, list[str]]:
     """Write STUDY_DIR/study.md, study.html and the figures; return the Markdown and notes."""
+    from cifarlab.studies.storage import require_optuna
+
+    require_optuna("cifarlab study")
     folder = Path(folder)
     study, optuna_study = load(folder, storage)
     found, states = points(folder, study, optuna_study)

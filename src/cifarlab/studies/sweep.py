@@ -175,7 +175,9 @@ def sweep(study_file: str | Path, out: str | Path | None = None,
     the study folder. `storage`: a database URL (many machines) instead of the journal;
     `worker`: this process is worker number `worker` of a sweep with several."""
     from cifarlab.studies import workers as pool
+    from cifarlab.studies.storage import require_optuna
 
+    require_optuna("cifarlab sweep")
     study = load_study(study_file, data_source)
     folder = Path(out) if out is not None else Path("runs") / Path(study_file).stem
     if worker is not None:

@@ -37,7 +37,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
+from cifarlab.errors import TrainingFailed, TrainingInterrupted
+from cifarlab.interrupt import STOP_SIGNALS
+from cifarlab.locks import hold, worker_id
 
 log = logging.getLogger("cifarlab")
 
@@ -48,10 +50,6 @@ CLAIM_WAIT = 30.0  # at most, for the trials before one to record their run name
 
 class Dropped(Exception):
     """A trial that gave its place up to another one (the same run, or the budget is taken)."""
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # ------------------------------------------------------------------------ one worker's loop
@@ -195,7 +193,7 @@ class RunLock:
         told = False
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 if self.abandoned():
                     with contextlib.suppress(FileNotFoundError):
@@ -238,25 +236,11 @@ def folder_lock(folder: Path, storage: str | None) -> Iterator[None]:
     if storage is not None:
         yield
         return
-    import fcntl
-
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"--out {folder}: another cifarlab sweep ({holder}) runs this "
-                            "study; wait for it, give it more --workers, or use --storage "
-                            "with a database for several commands") from None
-        f.truncate(0)
-        f.write(worker_id())
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
+    with hold(folder / LOCK_FILE, lambda holder: (
+            f"--out {folder}: another cifarlab sweep ({holder}) runs this study; wait for it, "
+            "give it more --workers, or use --storage with a database for several commands")):
+        yield
 
 
 def placement(workers: int) -> list[dict[str, str]]:
@@ -316,7 +300,7 @@ def run_workers(optuna_study: Any, study: Any, folder: Path, workers: int, study
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     failed: list[str] = []
     try:
         for i, env in enumerate(placement(workers)):
