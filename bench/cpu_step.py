@@ -3,8 +3,10 @@ batch size and compile mode, through train.py's own step (step.TrainStep) with t
 airbench preset's optimizer groups; the median of `--steps` steps after two warm-up steps.
 
 The reference is the paper's setting ported as it is: eager, float32, batch 2000, NCHW.
+With `--profile`, torch.profiler's table of the operators that take the most CPU time in
+a few steps at the first batch size (channels-last, float32, eager): what bounds the step.
 Usage: python bench/cpu_step.py [--model airbench] [--batch-sizes 2000 500 250]
-           [--steps 5] [--compile] [--json FILE]
+           [--steps 5] [--compile] [--profile] [--json FILE]
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from cifarlab.step import TrainStep, compiled
 from cifarlab.training.optim import build_optimizer
 
 
-def images_per_second(name: str, batch: int, layout: torch.memory_format,
-                      dtype: torch.dtype | None, compile_mode: str, steps: int) -> float:
+def build_step(name: str, batch: int, layout: torch.memory_format, dtype: torch.dtype | None,
+               compile_mode: str):
     torch.manual_seed(0)
     config = airbench()
     model = create_model(**model_args(name, 10, 64)).to(memory_format=layout)
@@ -37,10 +39,16 @@ def images_per_second(name: str, batch: int, layout: torch.memory_format,
     step.cpu_layout = layout  # the layout under test, whatever memory_format would pick
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (batch,))
+    return lambda: step(x, y)
+
+
+def images_per_second(name: str, batch: int, layout: torch.memory_format,
+                      dtype: torch.dtype | None, compile_mode: str, steps: int) -> float:
+    step = build_step(name, batch, layout, dtype, compile_mode)
     times = []
     for i in range(steps + 2):
         start = time.perf_counter()
-        step(x, y)
+        step()
         if i >= 2:
             times.append(time.perf_counter() - start)
     return batch / sorted(times)[len(times) // 2]
@@ -52,8 +60,18 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2000, 500, 250])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also torch.compile (default)")
+    parser.add_argument("--profile", action="store_true", help="only the operator profile")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
+    if args.profile:
+        step = build_step(args.model, args.batch_sizes[0], torch.channels_last, None, "off")
+        step()
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return
     dtypes = [None] + ([torch.bfloat16] if native_cpu_bf16() else [])
     layouts = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
     rows = [{"batch": 2000, "layout": "nchw", "dtype": "float32", "compile": "off",

@@ -15,6 +15,7 @@ from cifarlab.data.cpu_augment import normalize
 from cifarlab.data.sources import ImageSet
 from cifarlab.distributed import World
 from cifarlab.interrupt import heartbeat
+from cifarlab.step import memory_format
 
 
 @dataclass
@@ -78,8 +79,12 @@ def evaluate(
     confusion = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
+    # The model's own layout: a channels-last model fed NCHW batches runs oneDNN's slower
+    # path (measured 1.9x slower training steps on a 2-core CPU, BENCHMARKS.md).
+    layout = memory_format(device, model)
     for start in range(0, len(labels), batch_size):
         x = normalize(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+        x = x.contiguous(memory_format=layout)
         y = labels[start : start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = logits_of(model, x, flip, translate)

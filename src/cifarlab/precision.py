@@ -77,7 +77,8 @@ def choose(amp: str, device: torch.device, model: nn.Module, batch_size: int,
     if amp != "auto" or device.type == "cuda":
         dtype = resolve_amp(amp, device)
         how = "asked for" if amp != "auto" else "the CUDA default"
-        return Precision(dtype, f"{'float32' if dtype is None else dtype} ({how})")
+        kind = "float32" if dtype is None else f"{Precision(dtype, '').name} autocast"
+        return Precision(dtype, f"{kind} ({how})")
     if not native_cpu_bf16():
         return Precision(None, f"float32: this CPU ({cpu_capability()}) has no native "
                                "bfloat16 in oneDNN")
