@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from cifarlab.config import OptimConfig
-from cifarlab.training.optim import build_optimizer, schedule_of, set_hyperparameters
+from cifarlab.training.optim import (
+    build_optimizer,
+    schedule_of,
+    schedule_warning,
+    set_hyperparameters,
+)
 
 CPU = torch.device("cpu")
 
@@ -55,3 +60,12 @@ def test_resume_overrides_take_the_new_hyperparameters():
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_at)
     set_hyperparameters(adamw, scheduler, OptimConfig(name="adamw", lr=0.01))
     assert "momentum" not in adamw.param_groups[0] and adamw.param_groups[0]["lr"] == 0.01
+
+
+def test_a_warm_up_longer_than_the_run_is_a_warning():
+    seed = OptimConfig()  # 5 warm-up epochs
+    message = schedule_warning(seed, 3)
+    assert "5-epoch warm-up does not end inside this 3-epoch run" in message
+    assert "--set optim.warmup_epochs=0" in message
+    assert schedule_warning(seed, 6) is None
+    assert schedule_warning(OptimConfig(warmup_epochs=0), 1) is None

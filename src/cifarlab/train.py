@@ -52,6 +52,7 @@ from cifarlab.training.optim import (
     build_optimizer,
     group_schedules,
     schedule_of,
+    schedule_warning,
     set_hyperparameters,
 )
 from cifarlab.training.pace import Pace
@@ -674,6 +675,8 @@ def _train(
         steps_left = (config.epochs - progress.epoch + 1) * steps_per_epoch - progress.step
         parts.pace = Pace(steps_left, device.type, config.preset, log)
     log.info(describe_run(config, splits, model, device, precision, world, run_dir))
+    if (warning := schedule_warning(config.optim, config.epochs)) and world.is_main:
+        log.warning(warning)
     if teacher is not None:
         teacher.split_val_acc = evaluate(teacher.model, splits.val, splits.mean, splits.std,
                                          device, amp_dtype=amp_dtype, world=world,

@@ -81,6 +81,16 @@ def schedule_of(optim: OptimConfig, epochs: int, steps_per_epoch: int
     return lr_at
 
 
+def schedule_warning(optim: OptimConfig, epochs: int) -> str | None:
+    """A warning for a warm-up that does not end inside the run: the learning rate never
+    reaches optim.lr and never decays (a short demo run with the seed's 5 warm-up epochs)."""
+    if optim.warmup_epochs < epochs:
+        return None
+    return (f"the {optim.warmup_epochs:g}-epoch warm-up does not end inside this {epochs}-epoch "
+            f"run: the learning rate only climbs towards {optim.lr:g} and never decays; e.g. "
+            f"--set optim.warmup_epochs={max(epochs // 5, 0)} or more --epochs")
+
+
 def group_schedules(optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float],
                     steps_per_epoch: int) -> list[Callable[[int], float]]:
     """Each group's multiplier of its base learning rate: `lr_at`, and 0 from the step its
