@@ -92,14 +92,6 @@ def test_a_width_too_small_for_the_whitening_layer_is_one_line(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--set model.width=24" in err
     assert not (tmp_path / "runs").exists()
-    # A batch larger than the training split: no step would see a full batch.
-    args = ["train", "--preset", "airbench", "--data", "synthetic:40", "--set",
-            "model.width=24", "--out", str(tmp_path / "runs")]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "batch_size 500 is larger than the 36 training images" in err
-    assert "use --batch-size 36 or less" in err and err.count("\n") == 1
-    assert not (tmp_path / "runs").exists()
 
 
 def test_parameter_groups_of_the_preset():
@@ -294,3 +286,14 @@ def test_pruning_keeps_the_whitening_layer_and_the_frozen_scales():
     assert all(isinstance(m, FrozenScaleBatchNorm) and not m.weight.requires_grad
                for m in norms)
     assert rebuilt.layer2.conv1.out_channels < model.layer2.conv1.out_channels
+
+
+def test_threads_setting_is_used_and_recorded(tmp_path):
+    before = torch.get_num_threads()
+    args = ["train", "--data", "synthetic:60", "--epochs", "1", "--workers", "0", "--set",
+            "model.width=4", "--set", "optim.warmup_epochs=0", "--threads", "1",
+            "--out", str(tmp_path), "--name", "t1"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "t1" / "result.json").read_text())
+    assert result["threads"] == 1 and torch.get_num_threads() == before
+    assert "with 1 thread:" in (tmp_path / "t1" / "report.md").read_text()

@@ -96,6 +96,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "patience": (["-1", "1000001"], ["0", "1000000"]),
     "amp": (["fp8", '""'], ["auto", "fp16", "bf16", "off"]),
     "device": (["gpu", '""'], ["auto", "cpu"]),
+    "threads": (["-1", "1025", "1e9"], ["0", "1", "1024"]),
     "compile": (["on", '""'], ["off"]),
     "seed": (["-1", "4294967296", "99999999999999999999"], ["0", "4294967295"]),
     "deterministic": ([], ["true", "false"]),

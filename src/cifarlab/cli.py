@@ -59,6 +59,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type, str]] = {
     "lr": ("optim.lr", float, "peak learning rate"),
     "seed": ("seed", int, "seed for weights, shuffling and augmentation"),
     "device": ("device", str, "auto, cpu or cuda"),
+    "threads": ("threads", int, "CPU threads for the training steps (0: PyTorch's default, "
+                "one per core)"),
     "amp": ("amp", str, "mixed precision: auto, fp16, bf16 or off"),
     "compile": ("compile", str, "torch.compile the training step: off, default, "
                 "reduce-overhead (CUDA graphs) or max-autotune"),

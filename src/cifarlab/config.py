@@ -169,6 +169,7 @@ class Config:
     patience: int = 30  # early stopping on validation accuracy; 0 disables it
     amp: str = "auto"  # "auto": fp16 with a GradScaler on CUDA, off on the CPU
     device: str = "auto"  # "auto": CUDA when present
+    threads: int = 0  # torch's intra-op threads for the run; 0: PyTorch's default (the cores)
     # torch.compile the model for training and the resident loader's augmentation:
     # "reduce-overhead" also replays them as CUDA graphs; "max-autotune" searches kernels
     # longer. Compiling takes a while at the start of a run.
@@ -610,6 +611,7 @@ RULES: dict[str, Rule] = {
     "patience": integer(0, MAX_COUNT, what="a number of epochs (0: no early stopping)"),
     "amp": choice(AMP_MODES),
     "device": choice(DEVICES),
+    "threads": integer(0, 1024, what="a number of threads (0: one per core)"),
     "compile": choice(COMPILE_MODES),
     "seed": SEED,
     "deterministic": ANY,

@@ -285,8 +285,9 @@ def _results_table(run: Run, data: dict[str, Any]) -> Table:
     if run.result is not None:
         rows.append(["device", f"{run.result['device']}, torch {run.result['torch_version']}"])
         if "precision" in run.result:  # runs from before the precision choice lack it
-            rows.append(["precision", f"trained in {run.result['precision']} with "
-                                      f"{run.result['threads']} threads: "
+            n = run.result["threads"]
+            rows.append(["precision", f"trained in {run.result['precision']} with {n} "
+                                      f"thread{'s' if n != 1 else ''}: "
                                       f"{run.result['precision_reason']}"])
     return Table(["", ""], rows)
 

@@ -391,10 +391,14 @@ def fit(config: Config, *, resume: str | Path | None = None,
     if config.batch_size % world.size:
         raise UserError(f"batch_size {config.batch_size} is the global batch and must divide "
                         f"evenly over {world.size} processes; change --batch-size")
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock, once taken
             return _fit(config, resume, device, world, held, on_epoch, initial)
     finally:
+        torch.set_num_threads(threads)  # as it was for the caller
         distributed.shutdown()
 
 
@@ -423,11 +427,12 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
         raise UserError(f"--resume {run_dir}: the data's classes {splits.classes} differ from "
                         f"the run's {state['classes']}")
     per_rank = -(-len(splits.train.labels) // world.size)
-    if config.batch_size // world.size > per_rank:
-        raise UserError(f"batch_size {config.batch_size} is larger than the "
-                        f"{len(splits.train.labels):,} training images"
-                        f"{' of each process' if world.distributed else ''}, so no step would "
-                        f"see a full batch; use --batch-size {per_rank * world.size} or less")
+    if config.batch_size // world.size > per_rank and world.is_main:
+        log.warning(f"batch_size {config.batch_size} is larger than the "
+                    f"{len(splits.train.labels):,} training images"
+                    f"{' of each process' if world.distributed else ''}: each epoch is one "
+                    f"step of them all; for more steps use --batch-size "
+                    f"{per_rank * world.size // 4 or 1} or so (and scale --lr with it)")
     teacher = None  # checked against the data before anything is written
     if config.distill.teacher:
         teacher = load_teacher(config.distill.teacher, splits, asdict(config.data), device)
