@@ -88,11 +88,12 @@ def best() -> Config:
 
 # airbench's learning rate per example of a batch: Jordan (2024) sums the loss over the batch
 # and sets lr 11.5 / (1024 * (1 + 1 / (1 - momentum))) with momentum 0.85; with the mean loss
-# used here that is this much times the batch size. Its weight decay, 0.0153 * batch /
-# (1024 * (1 + 1 / (1 - momentum))) on the summed loss, becomes the constant below on the
-# mean loss (the decay per step, lr * weight_decay, is the paper's).
+# used here that is this much times the batch size. Its weight decay shrinks the weights by
+# 0.0153 * batch / (1024 * (1 + 1 / (1 - momentum))) a step (lr * weight_decay in PyTorch's
+# SGD); at lr = AIRBENCH_LR_PER_EXAMPLE * batch that is weight_decay 0.0153 / 11.5, whatever
+# the batch.
 AIRBENCH_LR_PER_EXAMPLE = 11.5 / (1024 * (1 + 1 / (1 - 0.85)))
-AIRBENCH_WEIGHT_DECAY = 0.0153 / (1024 * (1 + 1 / (1 - 0.85)))
+AIRBENCH_WEIGHT_DECAY = 0.0153 / 11.5
 AIRBENCH_BATCH = 500  # on a 2-core CPU the activations of 500 images stay in cache
 
 
