@@ -218,7 +218,7 @@ def test_bf16_autocast_step_tracks_float32(name):
                         if name == "resnet18" else model.layer2.conv1.weight.grad.clone())
     (l32, g32), (l16, g16) = grads[None], grads[torch.bfloat16]
     assert abs(l16 - l32) < 0.02 * l32
-    assert F.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.95
+    assert F.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.9
 
 
 def test_a_long_cpu_run_says_so_after_its_first_steps(monkeypatch, caplog):

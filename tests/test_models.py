@@ -17,6 +17,7 @@ from cifarlab.config import Config
 from cifarlab.data.sources import load_source
 from cifarlab.errors import UserError
 from cifarlab.models import MODELS, create_model, model_args
+from cifarlab.step import ONEDNN_MAX_BLOCK
 from cifarlab.train import load_resume_state, weights_payload
 
 # name: (parameters with 10 classes, with 100 classes, the classifier's inputs), at the
@@ -67,7 +68,8 @@ def nchw_only():
     input and few input channels)."""
     def check(module, inputs):
         if (isinstance(module, torch.nn.Conv2d) and inputs[0].device.type == "cpu"
-                and module.kernel_size == (1, 1) and max(module.stride) > 1):
+                and module.kernel_size == (1, 1) and max(module.stride) > 1
+                and module.in_channels // module.groups < ONEDNN_MAX_BLOCK):
             assert inputs[0].is_contiguous(), f"{module}: input is not contiguous NCHW"
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(check)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from cifarlab import checkpoint
@@ -80,9 +81,15 @@ def test_a_flip_averaging_run_scores_and_predicts_with_mirror_images(best, train
     device = torch.device("cpu")
     assert evaluate(model, images, ckpt["mean"], ckpt["std"], device, flip=True).acc == 100.0
     plain_acc = 100.0 * (plain.argmax(1).numpy() == labels).mean()
-    assert plain_acc < 100.0
-    assert evaluate(model, images, ckpt["mean"], ckpt["std"], device).acc == pytest.approx(
-        plain_acc)
+    plain_score = evaluate(model, images, ckpt["mean"], ckpt["std"], device)
+    assert plain_score.acc == pytest.approx(plain_acc)
+    # The losses tell the two apart even where every argmax agrees.
+    y = torch.from_numpy(labels)
+    assert plain_score.loss == pytest.approx(F.cross_entropy(plain, y).item(), rel=1e-4)
+    flip_loss = evaluate(model, images, ckpt["mean"], ckpt["std"], device, flip=True).loss
+    assert flip_loss == pytest.approx(F.cross_entropy((plain + mirrored) / 2, y).item(),
+                                      rel=1e-4)
+    assert flip_loss != pytest.approx(plain_score.loss, rel=1e-4)
 
 
 def test_images_of_any_size_become_the_centre_32x32():

@@ -533,6 +533,11 @@ def cmd_models(args: argparse.Namespace) -> int:
           f"({args.classes} classes, width {args.width}, 32x32 images)")
     for s in sizes:
         print(f"{s.model:<16} {s.params:>12,} {s.macs / 1e6:>10.1f}")
+    from cifarlab.models import MODELS
+
+    left_out = [name for name in MODELS if name not in {s.model for s in sizes}]
+    if left_out:
+        print(f"not at width {args.width}: {', '.join(left_out)} (too narrow; see --width)")
     return 0
 
 
