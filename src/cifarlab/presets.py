@@ -94,14 +94,15 @@ def best() -> Config:
 # the batch.
 AIRBENCH_LR_PER_EXAMPLE = 11.5 / (1024 * (1 + 1 / (1 - 0.85)))
 AIRBENCH_WEIGHT_DECAY = 0.0153 / 11.5
-AIRBENCH_BATCH = 500  # on a 2-core CPU the activations of 500 images stay in cache
+AIRBENCH_BATCH = 500  # smaller than the paper's 1024, for the caches of small CPUs
 
 
 def airbench() -> Config:
     """Time to accuracy: the airbench network (models/airbench.py) and the recipe Jordan
     (2024) measured to reach 94 % on CIFAR-10 in 10 epochs, each part a setting.
 
-    - batch 500 (the paper's 1024 runs out of cache on a CPU; BENCHMARKS.md) with the
+    - batch 500 (on a 2-core Intel VM the paper's 1024 and more ran out of cache; on a
+      2-core AMD EPYC 250-1000 ran at about the same speed, BENCHMARKS.md) with the
       paper's learning rate per example (AIRBENCH_LR_PER_EXAMPLE), Nesterov SGD with momentum
       0.85; biases at 64 times the learning rate with 1/64 of the weight decay; the whitening
       layer's bias trains for the first 3 epochs only;
