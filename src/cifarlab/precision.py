@@ -94,7 +94,14 @@ def choose(amp: str, device: torch.device, model: nn.Module, batch_size: int,
 
 def step_seconds(model: nn.Module, batch_size: int, layout: torch.memory_format,
                  num_classes: int, dtype: torch.dtype | None) -> float:
-    """Median seconds of a forward-backward-SGD step of a copy of `model` on random data."""
+    """Median seconds of a forward-backward-SGD step of a copy of `model` on random data,
+    drawn without touching the global generator (the run's seed stays the run's)."""
+    with torch.random.fork_rng(devices=[]):
+        return _step_seconds(model, batch_size, layout, num_classes, dtype)
+
+
+def _step_seconds(model: nn.Module, batch_size: int, layout: torch.memory_format,
+                  num_classes: int, dtype: torch.dtype | None) -> float:
     model = copy.deepcopy(model).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)

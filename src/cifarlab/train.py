@@ -447,10 +447,10 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
         model.load_state_dict(initial["model"])
     elif state is None:  # a new model: layers set from the training images (airbench's)
         initialise_from_data(model, splits.train.images, splits.mean, splits.std)
-    # Measured on rank 0 (on the CPU), so that every rank trains in the same precision.
-    precision = distributed.broadcast(choose(config.amp, device, model,
-                                             config.batch_size // world.size,
-                                             memory_format(device, model), len(splits.classes)))
+    # Measured on rank 0 alone (on the CPU), so that every rank trains in the same precision.
+    precision = distributed.broadcast(choose(
+        config.amp, device, model, config.batch_size // world.size,
+        memory_format(device, model), len(splits.classes)) if world.is_main else None)
     check_disk_space(run_dir, model)
     distributed.barrier()  # every rank has checked the run folder before rank 0 creates it
 
