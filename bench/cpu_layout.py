@@ -2,7 +2,7 @@
 
 On the CPU cifarlab trains a model in contiguous NCHW where oneDNN's faulty channels-last
 weight gradient of 1x1 stride-2 convolutions could reach it, and in channels-last elsewhere
-(step.memory_format, step.channels_last_is_safe). This measures what NCHW costs, at widths
+(devices.memory_format, devices.channels_last_is_safe). This measures what NCHW costs, at widths
 where both layouts give correct gradients (the shortcuts have 16 or more input channels): a
 float32 training step and a forward pass in eval mode, each on the same random batch, median
 of several runs. Run it once as it is and once under ONEDNN_MAX_CPU_ISA=AVX2 to see both

@@ -19,10 +19,10 @@ import time
 import torch
 from torch import nn
 
+from cifarlab.devices import compiled, cpu_capability, native_cpu_bf16
 from cifarlab.models import create_model, model_args
-from cifarlab.precision import cpu_capability, native_cpu_bf16
 from cifarlab.presets import airbench
-from cifarlab.step import TrainStep, compiled
+from cifarlab.step import TrainStep
 from cifarlab.training.optim import build_optimizer
 
 

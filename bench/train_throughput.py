@@ -30,9 +30,9 @@ from cifarlab.data.loader import build_train_loader
 from cifarlab.data.resident import build_resident_loader
 from cifarlab.data.sources import load_source
 from cifarlab.data.splits import channel_stats
+from cifarlab.devices import compiled, memory_format
 from cifarlab.models import create_model
-from cifarlab.step import StepFlags, TrainStep, compiled, memory_format
-from cifarlab.train import FLAG_LAG
+from cifarlab.step import FLAG_LAG, StepFlags, TrainStep
 
 
 def batches(path, data, mean, std, batch_size, device, workers):

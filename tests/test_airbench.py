@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from cifarlab import checkpoint, precision
+from cifarlab import checkpoint, devices
 from cifarlab.cli import main
 from cifarlab.config import AugmentConfig, OptimConfig
 from cifarlab.data.gpu_augment import crop_translate
@@ -175,11 +175,11 @@ def test_test_time_translation_weighs_the_views():
 
 
 def test_bf16_on_a_cpu_without_native_kernels_is_refused(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: False)
+    monkeypatch.setattr(devices, "native_cpu_bf16", lambda: False)
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="no native bfloat16"):
-        precision.check_amp("bf16", cpu)
-    choice = precision.choose("auto", cpu, small(), 8, torch.contiguous_format, 10)
+        devices.check_amp("bf16", cpu)
+    choice = devices.choose("auto", cpu, small(), 8, torch.contiguous_format, 10)
     assert choice.dtype is None and "no native bfloat16" in choice.reason
     args = ["train", "--data", "synthetic:40", "--amp", "bf16", "--out", str(tmp_path / "r")]
     assert main(args) == 2
@@ -190,10 +190,10 @@ def test_bf16_on_a_cpu_without_native_kernels_is_refused(monkeypatch, tmp_path, 
 
 @pytest.mark.parametrize("fp32, bf16, chosen", [(1.0, 0.5, torch.bfloat16), (1.0, 0.95, None)])
 def test_auto_takes_bf16_only_where_it_measures_faster(monkeypatch, fp32, bf16, chosen):
-    monkeypatch.setattr(precision, "native_cpu_bf16", lambda: True)
+    monkeypatch.setattr(devices, "native_cpu_bf16", lambda: True)
     seconds = {None: fp32, torch.bfloat16: bf16}
-    monkeypatch.setattr(precision, "step_seconds", lambda *a: seconds[a[-1]])
-    choice = precision.choose("auto", torch.device("cpu"), small(), 64,
+    monkeypatch.setattr(devices, "step_seconds", lambda *a: seconds[a[-1]])
+    choice = devices.choose("auto", torch.device("cpu"), small(), 64,
                               torch.channels_last, 10)
     assert choice.dtype is chosen
     assert f"{fp32 / bf16:.2f}x" in choice.reason
@@ -248,7 +248,7 @@ def test_the_preset_trains_end_to_end_and_reports_its_precision(tmp_path, capsys
     assert main(args) == 0
     run = tmp_path / "ab"
     result = json.loads((run / "result.json").read_text())
-    assert result["precision"] == "float32" or precision.native_cpu_bf16()
+    assert result["precision"] == "float32" or devices.native_cpu_bf16()
     assert result["threads"] == torch.get_num_threads() and result["precision_reason"]
     assert "trained in" in (run / "report.md").read_text()
     best = checkpoint.load(run / "best.pt")

@@ -185,7 +185,7 @@ def test_chain_with_drawn_params_matches_torchvision_per_image(images, aug):
                           for i, im in enumerate(images)])
     assert_same(ours, theirs)
     assert ours.dtype == torch.float32 and ours.shape == (N, 3, 32, 32)
-    assert ours.is_contiguous()  # NCHW on the CPU (step.memory_format)
+    assert ours.is_contiguous()  # NCHW on the CPU (devices.memory_format)
 
 
 def test_chain_takes_nhwc_or_nchw_and_is_a_function_of_the_generator(images):

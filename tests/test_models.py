@@ -15,10 +15,10 @@ from cifarlab import checkpoint
 from cifarlab.cli import main
 from cifarlab.config import Config
 from cifarlab.data.sources import load_source
+from cifarlab.devices import ONEDNN_MAX_BLOCK
 from cifarlab.errors import UserError
 from cifarlab.models import MODELS, create_model, model_args
-from cifarlab.step import ONEDNN_MAX_BLOCK
-from cifarlab.train import load_resume_state, weights_payload
+from cifarlab.rundir import load_resume_state, weights_payload
 
 # name: (parameters with 10 classes, with 100 classes, the classifier's inputs), at the
 # published width (model.width 64). The CIFAR ResNets use option A (parameter-free)

@@ -11,8 +11,8 @@ from PIL import Image
 from cifarlab import plots
 from cifarlab.cli import main
 from cifarlab.errors import UserError
+from cifarlab.rundir import METRICS
 from cifarlab.runs import COLUMNS, read_run, read_runs
-from cifarlab.train import METRICS
 
 
 def png_size(path):

@@ -175,7 +175,7 @@ PRUNED_GRADIENTS = WEIGHT_GRADIENT_ERRORS + """
 import json
 from cifarlab.compress import prune
 from cifarlab.models import create_model, model_args
-from cifarlab.step import memory_format
+from cifarlab.devices import memory_format
 torch.manual_seed(0)
 args = model_args("resnet18", 10, 16)
 model = prune.prune_model(create_model(**args), args, "ratio", 0.5, round_to=2).model.train()

@@ -43,7 +43,7 @@ def test_batches_are_on_the_device_normalised_and_nchw_on_the_cpu(data):
     loader.set_epoch(1)
     x, y = next(iter(loader))
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
-    # Contiguous NCHW: channels-last batches reach a faulty oneDNN kernel (step.memory_format).
+    # Contiguous NCHW: channels-last batches reach a faulty oneDNN kernel (devices.memory_format).
     assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     assert y.dtype == torch.int64 and x.device == y.device == torch.device("cpu")
 

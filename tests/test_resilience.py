@@ -329,7 +329,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoints(tmp_path, capsys):
 
 def test_fp16_overflow_streak_stops_training():
     from cifarlab.errors import TrainingFailed
-    from cifarlab.train import MIN_LOSS_SCALE, check_loss_scale
+    from cifarlab.step import MIN_LOSS_SCALE, check_loss_scale
 
     check_loss_scale(torch.amp.GradScaler("cpu", init_scale=2.0**16), epoch=3)  # healthy
     check_loss_scale(torch.amp.GradScaler("cpu", enabled=False), epoch=3)  # float32

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cifarlab.cli import main
-from cifarlab.train import RUN_LOCK
+from cifarlab.rundir import RUN_LOCK
 
 TINY = ["--data", "synthetic:300", "--epochs", "1", "--workers", "0", "--set",
         "model.width=4", "--set", "optim.warmup_epochs=1", "--batch-size", "64"]

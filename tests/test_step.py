@@ -16,10 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cifarlab import checkpoint
 from cifarlab.config import AugmentConfig, MixConfig, apply_dict
 from cifarlab.data.resident import build_resident_loader
+from cifarlab.devices import channels_last_is_safe, memory_format
 from cifarlab.errors import UserError
 from cifarlab.models import create_model
 from cifarlab.presets import seed
-from cifarlab.step import StepFlags, TrainStep, channels_last_is_safe, memory_format
+from cifarlab.step import StepFlags, TrainStep
 from cifarlab.train import fit
 from cifarlab.training.ema import ModelEma
 from cifarlab.training.mixing import Mixer, SoftTargetCrossEntropy
@@ -200,7 +201,7 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, eager
     eager = fit(tiny(tmp_path, "eager"))
     compiled = fit(tiny(tmp_path, "compiled", compile="reduce-overhead"))
     # The model and the augmentation of the resident loader; on the CPU, the mode's options
-    # with inductor's channels-last layout switched off (step.memory_format).
+    # with inductor's channels-last layout switched off (devices.memory_format).
     cpu_options = {"triton.cudagraphs": True, "layout_optimization": False}
     assert eager_compile == [{"options": cpu_options, "dynamic": False}] * 2
     a = json.loads((tmp_path / "eager" / "result.json").read_text())
@@ -225,7 +226,7 @@ def test_compile_without_a_cpu_compiler_is_refused_before_anything_is_written(tm
     assert not (tmp_path / "r").exists()
 
 
-# --- the CPU's layout: away from oneDNN's faulty kernel (step.memory_format) ---------------
+# --- the CPU's layout: away from oneDNN's faulty kernel (devices.memory_format) ---------------
 # oneDNN's AVX2 weight gradient of a 1x1 stride-2 convolution with channels-last input and
 # fewer than 8 input channels hangs, aborts or is silently wrong (uxlfoundation/oneDNN#6035).
 # ONEDNN_MAX_CPU_ISA=AVX2 sends any x86 CPU, Intel or AMD, to those kernels; the checks run
@@ -318,7 +319,7 @@ import json
 from cifarlab.config import AugmentConfig
 from cifarlab.data.resident import build_resident_loader
 from cifarlab.models import create_model
-from cifarlab.step import memory_format
+from cifarlab.devices import memory_format
 torch.manual_seed(0)
 images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
 loader = build_resident_loader(images, torch.arange(64) % 10, AugmentConfig(), (0.5,) * 3,
@@ -360,7 +361,7 @@ def test_a_width_4_run_on_the_resident_loader_finishes_on_avx2_kernels(tmp_path)
 COMPILED_GRADIENT = """
 import torch
 from torch import nn
-from cifarlab.step import compiled
+from cifarlab.devices import compiled
 torch.manual_seed(0)
 model = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 8, 1, 2, bias=False))
 x, g = torch.randn(64, 3, 32, 32), torch.randn(64, 8, 16, 16)

@@ -7,12 +7,13 @@ import torch
 
 from cifarlab.config import apply_dict
 from cifarlab.data.splits import prepare_splits
+from cifarlab.devices import resolve_amp, resolve_device
 from cifarlab.errors import UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.models import create_model
-from cifarlab.precision import resolve_amp, resolve_device
 from cifarlab.presets import seed
-from cifarlab.train import EarlyStopping, fit
+from cifarlab.train import fit
+from cifarlab.training.progress import EarlyStopping
 
 
 def test_early_stopping_stops_after_patience_epochs_without_a_new_best():

@@ -1,3 +1,5 @@
+"""`python -m cifarlab`: the command line, as the `cifarlab` script runs it."""
+
 import sys
 
 from cifarlab.cli import main

@@ -389,7 +389,7 @@ def launch_torchrun(args: argparse.Namespace, config: cfg.Config, argv: list[str
     folder name is fixed here so that every worker, and every restart, uses the same one."""
     import torch
 
-    from cifarlab.train import run_dir_for
+    from cifarlab.rundir import run_dir_for
 
     check_range("--gpus", args.gpus, 1, None, 1)
     if config.device != "cpu" and torch.cuda.device_count() < args.gpus:
@@ -472,8 +472,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if onnx:
         result = evaluate_onnx(model, data.images, data.labels)
     else:
+        from cifarlab.devices import resolve_device
         from cifarlab.evaluate import evaluate
-        from cifarlab.precision import resolve_device
 
         device = resolve_device(args.device)
         result = evaluate(model.to(device), data, ckpt["mean"], ckpt["std"], device,
@@ -603,7 +603,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if Path(args.checkpoint).suffix == ".onnx":  # onnxruntime only: no torch import
         results = predict_files(args.checkpoint, args.images, topk=args.topk)
     else:
-        from cifarlab.precision import resolve_device
+        from cifarlab.devices import resolve_device
 
         results = predict_files(checkpoint_file(args.checkpoint), args.images, topk=args.topk,
                                 device=resolve_device(args.device))

@@ -13,9 +13,9 @@ from torch import nn
 from cifarlab import distributed
 from cifarlab.data.cpu_augment import normalize
 from cifarlab.data.sources import ImageSet
+from cifarlab.devices import memory_format
 from cifarlab.distributed import World
 from cifarlab.interrupt import heartbeat
-from cifarlab.step import memory_format
 
 
 @dataclass

@@ -30,7 +30,7 @@ RESULT_KEYS = ("best_val_acc", "best_epoch", "test_acc", "epochs_run", "stopped_
 
 @dataclass(frozen=True)
 class Epoch:
-    """One row of metrics.csv (the columns are train.METRICS, in this order)."""
+    """One row of metrics.csv (the columns are rundir.METRICS, in this order)."""
 
     epoch: int  # 1-based
     lr: float  # learning rate of the epoch's last optimizer step

@@ -10,98 +10,22 @@ GPU.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from cifarlab import distributed
-from cifarlab.errors import UserError
+from cifarlab.config import Config
+from cifarlab.devices import memory_format
+from cifarlab.errors import TrainingFailed
 from cifarlab.training.ema import ModelEma
 
-# oneDNN's largest vector block, in float32 channels: 8 with AVX2, 16 with AVX-512.
-ONEDNN_MAX_BLOCK = 16
-
-
-def channels_last_is_safe(model: nn.Module) -> bool:
-    """Whether `model` can train in channels-last memory on a CPU.
-
-    oneDNN's weight gradient of a 1x1 convolution with a stride above 1 (a ResNet shortcut)
-    with channels-last input and fewer input channels than its vector block hangs, aborts or
-    is silently wrong (uxlfoundation/oneDNN#6035; measured with AVX2 kernels on an AMD EPYC:
-    9 % to 99 % relative error at 2, 4, 6 and 7 input channels, a hang or an abort at 3 and
-    5; correct from 8 on, and on AVX-512 kernels). Narrow and pruned networks reach such
-    channel counts; contiguous NCHW input takes other kernels, which are correct.
-    """
-    return not any(
-        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
-        and m.in_channels // m.groups < ONEDNN_MAX_BLOCK
-        for m in model.modules())
-
-
-def memory_format(device: torch.device | str, model: nn.Module | None = None
-                  ) -> torch.memory_format:
-    """The layout of image batches and of `model` on `device`.
-
-    CUDA: channels-last, which cuDNN's fastest kernels want. CPU: channels-last too where
-    `channels_last_is_safe(model)` (measured 14-42 % faster than NCHW on 2 cores,
-    BENCHMARKS.md), contiguous NCHW otherwise and where no model is given.
-    """
-    if torch.device(device).type == "cuda":
-        return torch.channels_last
-    safe = model is not None and channels_last_is_safe(model)
-    return torch.channels_last if safe else torch.contiguous_format
-
-
-def compiled(fn: Callable[..., Any], mode: str, device: torch.device | str) -> Callable[..., Any]:
-    """A module or function under torch.compile in `mode` (config.COMPILE_MODES) for
-    `device`, or itself for "off".
-
-    "reduce-overhead" replays the compiled code as CUDA graphs, which removes the launch
-    overhead that bounds a GPU on 32x32 images. Shapes are static: the last, smaller batch
-    of an epoch compiles once more instead of making every graph shape-generic.
-    A compiled module shares its parameters with the original, which stays the one that is
-    evaluated and saved (its state_dict keys carry no compile prefix).
-
-    On the CPU, inductor's layout optimisation would turn every convolution channels-last,
-    straight into the oneDNN fault that `memory_format` avoids; it is switched off there,
-    so that the compiled step keeps the layouts it is given (the options of `mode` plus that
-    one: torch.compile takes a mode or options, not both).
-    """
-    if mode == "off":
-        return fn
-    if torch.device(device).type == "cpu":
-        from torch._inductor import list_mode_options
-
-        options = {**list_mode_options(mode), "layout_optimization": False}
-        return torch.compile(fn, options=options, dynamic=False)
-    return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
-
-
-def check_compile(mode: str, device: torch.device) -> None:
-    """Refuse a compile mode that cannot work here, before any work is done: torch.compile
-    generates Triton kernels for CUDA and C++ for the CPU."""
-    if mode == "off":
-        return
-    if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        if not has_triton():
-            raise UserError(f"--compile {mode}: torch.compile needs Triton on CUDA GPUs and it "
-                            "is not installed; pip install triton, or use --compile off")
-        return
-    try:  # a private helper of inductor: without it, a missing compiler shows at compile time
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:
-        return
-    try:
-        get_cpp_compiler()
-    except RuntimeError:
-        raise UserError(f"--compile {mode}: torch.compile on the CPU needs a C++ compiler and "
-                        "none was found; install g++ (or set CXX), or use --compile off"
-                        ) from None
+# Steps between a step and the host reading its flags (step.StepFlags); the device runs
+# that far ahead of the checks. A NaN loss therefore stops training FLAG_LAG steps late at
+# most, before any checkpoint is written from the poisoned weights.
+FLAG_LAG = 2
+MIN_LOSS_SCALE = 1.0  # fp16: a GradScaler scale under this means steps keep being skipped
 
 
 @dataclass
@@ -201,3 +125,26 @@ class StepFlags:
     def drain(self) -> list[Flags]:
         """All flags recorded and not yet read (waits for the device), oldest first."""
         return [self._pop() for _ in range(len(self.pending))]
+
+
+def check_flags(flags: list[Flags], epoch: int, config: Config) -> bool:
+    """Raise when a step's loss was NaN or infinite; return whether a stop was requested."""
+    for f in flags:
+        if f.loss_not_finite:
+            raise TrainingFailed(
+                f"the training loss became NaN or infinite at epoch {epoch}, step {f.step}; "
+                f"the checkpoints from before are kept; lower the learning rate (--lr, now "
+                f"{config.optim.lr:g}) or train in float32 (--amp off)"
+            )
+    return any(f.stop_requested for f in flags)
+
+
+def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
+    """fp16: the GradScaler halves its scale at each skipped (overflowing) step; a scale
+    under MIN_LOSS_SCALE means steps kept being skipped, so the weights stopped learning."""
+    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
+        raise TrainingFailed(
+            f"fp16 gradients overflowed step after step (loss scale {scaler.get_scale():g}) "
+            f"in epoch {epoch}; the checkpoints from before are kept; use --amp bf16 or "
+            "lower --lr"
+        )

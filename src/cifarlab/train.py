@@ -9,65 +9,59 @@ functions of (seed, epoch, position), see data/loader.py).
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
-import os
-import random
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cifarlab import checkpoint, distributed, locks, memory
+from cifarlab import checkpoint, distributed, memory
 from cifarlab.config import Config, flat_settings
-from cifarlab.data.cpu_augment import train_transform
-from cifarlab.data.loader import EpochBatchSampler, build_train_loader
-from cifarlab.data.resident import ResidentLoader, build_resident_loader
 from cifarlab.data.splits import Splits, prepare_splits
+from cifarlab.devices import (
+    Precision,
+    check_amp,
+    check_compile,
+    choose,
+    memory_format,
+    resolve_device,
+)
 from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest, heartbeat
-from cifarlab.models import LAYERS, architecture, create_model, initialise_from_data, model_args
-from cifarlab.precision import Precision, check_amp, choose, resolve_device
+from cifarlab.models import create_model, initialise_from_data, model_args
 from cifarlab.report import write_report
-from cifarlab.step import Flags, StepFlags, TrainStep, check_compile, compiled, memory_format
-from cifarlab.training.board import Board, check_available
-from cifarlab.training.distill import DistillLoss, Teacher, describe, load_teacher
-from cifarlab.training.ema import ModelEma
-from cifarlab.training.mixing import build_mixer, no_mixing
-from cifarlab.training.optim import (
-    build_optimizer,
-    group_schedules,
-    schedule_of,
-    schedule_warning,
-    set_hyperparameters,
+from cifarlab.rundir import (
+    check_disk_space,
+    check_run_dir,
+    hold_run_folder,
+    load_resume_state,
+    restore,
+    run_dir_for,
+    save,
+    save_last,
+    weights_payload,
+    write_metrics,
 )
+from cifarlab.seeding import seed_everything, set_deterministic
+from cifarlab.step import FLAG_LAG, StepFlags, check_flags, check_loss_scale
+from cifarlab.training.board import Board, check_available
+from cifarlab.training.distill import Teacher, describe, load_teacher
+from cifarlab.training.optim import schedule_warning
 from cifarlab.training.pace import Pace
+from cifarlab.training.parts import Parts, build_parts, describe_run
+from cifarlab.training.progress import NO_PARTIAL_EPOCH, EarlyStopping, Progress
 
 log = logging.getLogger("cifarlab")
-
-METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
-EMA_METRICS = ("ema_val_loss", "ema_val_acc")  # before `seconds`, when EMA is on
-# Steps between a step and the host reading its flags (step.StepFlags); the device runs
-# that far ahead of the checks. A NaN loss therefore stops training FLAG_LAG steps late at
-# most, before any checkpoint is written from the poisoned weights.
-FLAG_LAG = 2
-MIN_LOSS_SCALE = 1.0  # fp16: a GradScaler scale under this means steps keep being skipped
-# An epoch's running sums before its first step (last.pt keeps them for an epoch cut short).
-NO_PARTIAL_EPOCH = {"loss_sum": 0.0, "correct": 0, "seen": 0}
 
 
 @dataclass
@@ -89,271 +83,8 @@ class FitResult:
     data: dict[str, Any]  # image counts per split, measured per-channel mean and std
     teacher: dict[str, Any] | None = None  # the distillation teacher (training/distill.py)
     precision: str = "float32"  # what the steps ran in: float32, fp16 or bf16 (autocast)
-    precision_reason: str = ""  # why (precision.choose)
+    precision_reason: str = ""  # why (devices.choose)
     threads: int = 0  # torch's intra-op threads per process
-
-
-@dataclass
-class EarlyStopping:
-    """Tracks the best validation accuracy; stops after `patience` epochs without a new best
-    (patience 0: never stops)."""
-
-    patience: int
-    best: float = -1.0
-    best_epoch: int = 0
-    epochs_since_best: int = 0
-
-    def update(self, epoch: int, value: float) -> bool:
-        """Record one epoch's value; True when it is a new best."""
-        if value > self.best:
-            self.best, self.best_epoch, self.epochs_since_best = value, epoch, 0
-            return True
-        self.epochs_since_best += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.epochs_since_best >= self.patience
-
-
-def run_dir_for(config: Config) -> Path:
-    name = config.name or f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(config.out) / name
-
-
-def existing_ancestor(path: Path) -> Path:
-    """`path` itself, or its nearest parent that exists (where it would be created)."""
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-# In a run folder while a process trains it (locks.py); an empty one is left behind.
-RUN_LOCK = ".run.lock"
-
-
-def hold_run_folder(run_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """One process trains a run folder at a time: a second `train` with the same --name, or
-    a second --resume of the run, is refused while the first runs (their checkpoints would
-    overwrite each other's)."""
-    return locks.hold(run_dir / RUN_LOCK, lambda holder: (
-        f"run folder {run_dir} is in use by another cifarlab process ({holder}); wait for it "
-        "to end, or train into another --name"))
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse a used run folder or an unwritable place before any work is done."""
-    if run_dir.exists() and any(p.name != RUN_LOCK for p in run_dir.iterdir()):
-        raise UserError(f"run folder {run_dir} already exists; choose another --name or --out, "
-                        f"or continue it with --resume {run_dir}")
-    parent = existing_ancestor(run_dir)
-    try:  # a real write: permissions alone miss read-only mounts and special file systems
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError:
-        raise UserError(f"cannot write the run folder {run_dir}: {parent} is not a writable "
-                        "folder; choose another --out") from None
-
-
-def check_disk_space(run_dir: Path, model: nn.Module) -> None:
-    """Refuse to start when the checkpoints (best, last with momentum, and a temporary copy
-    while saving) clearly cannot fit."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    needed = 4 * weights + (16 << 20)
-    parent = existing_ancestor(run_dir)
-    free = shutil.disk_usage(parent).free
-    if free < needed:
-        raise UserError(f"only {free / 1e6:.0f} MB free under {parent}, checkpoints need about "
-                        f"{needed / 1e6:.0f} MB; free space or choose another --out")
-
-
-def load_resume_state(run_dir: Path, config: Config) -> dict[str, Any]:
-    """`last.pt` of a run to continue, checked against the config it continues with."""
-    path = run_dir / "last.pt"
-    if not path.is_file():
-        raise UserError(f"--resume {run_dir}: no last.pt there; give a run folder of cifarlab")
-    state = checkpoint.load(path)
-    if "train_state" not in state:
-        raise UserError(f"--resume {run_dir}: last.pt holds no training state")
-    check_same_run(run_dir, state.get("run_id"))
-    args = state["model_args"]
-    wanted = model_args(config.model.name, args["num_classes"], config.model.width)
-    if {k: v for k, v in args.items() if k != LAYERS} != wanted:  # a pruned model's layers
-        raise UserError(f"--resume {run_dir}: last.pt holds {_describe(args)}, the config asks "
-                        f"for {_describe(wanted)}")
-    saved_optimizer = state.get("config", {}).get("optim", {}).get("name", "sgd")
-    if saved_optimizer != config.optim.name:
-        raise UserError(f"--resume {run_dir}: the run trained with optim.name={saved_optimizer}"
-                        f", whose state cannot continue as {config.optim.name}; start a new run")
-    epoch, _ = state["train_state"]["position"]
-    stopper = EarlyStopping(**state["train_state"]["early_stopping"])
-    if epoch > config.epochs or stopper.should_stop:
-        raise UserError(f"--resume {run_dir}: the run is finished ({epoch - 1} epochs"
-                        f"{', stopped early' if stopper.should_stop else ''}); to train longer "
-                        "raise --epochs (and --set patience=...) with --allow-changes")
-    return state
-
-
-def check_same_run(run_dir: Path, ckpt_id: str | None) -> None:
-    """Refuse a last.pt that another run wrote (copied in from elsewhere), --allow-changes or
-    not. A folder and checkpoint that both lack an id are a run from before run ids: it
-    resumes and gets an id then."""
-    folder_id = checkpoint.read_run_id(run_dir)
-    path = run_dir / "last.pt"
-    if folder_id == ckpt_id:
-        return
-    if folder_id is None:
-        raise UserError(f"{path} belongs to run {ckpt_id}, but {run_dir} has no "
-                        f"{checkpoint.RUN_ID_FILE} file; if it is this run's own checkpoint, "
-                        f"write its id there: echo {ckpt_id} > {run_dir / checkpoint.RUN_ID_FILE}")
-    if ckpt_id is None:
-        raise UserError(f"{path} carries no run id, so this run (id {folder_id}) did not write "
-                        "it; put back the run's own last.pt, or start a new run")
-    raise UserError(f"{path} belongs to another run (id {ckpt_id}; this folder is run "
-                    f"{folder_id}); put back the run's own last.pt, or start a new run with "
-                    f"--config {run_dir / 'config.yaml'} --name NEW_NAME")
-
-
-def _describe(args: dict[str, Any]) -> str:
-    """`resnet18 width 64`, `resnet20 channels [16, 32, 64]`: a model and its arguments."""
-    arch = [f"{k} {v}" for k, v in args.items() if k not in ("name", "num_classes", LAYERS)]
-    return " ".join([args["name"], *arch, *(["pruned"] if LAYERS in args else [])])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def set_deterministic(enabled: bool) -> None:
-    """Deterministic CUDA kernels where PyTorch has them (an op without one raises)."""
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()
-
-
-def default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
-    # On the CPU the model competes with the workers for the same cores.
-    return min(16, cores) if device.type == "cuda" else min(4, cores // 2)
-
-
-def make_loader(
-    config: Config, splits: Splits, device: torch.device, world: World
-) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], EpochBatchSampler | ResidentLoader]:
-    """The training batches of one rank and the object that positions them
-    (`set_epoch(epoch, start_step)`); both paths yield the same images at each step."""
-    kind = config.data.loader
-    if kind == "auto":  # alternating flips follow each image: the resident loader does them
-        batch_only = config.data.augment.flip_mode == "alternate"
-        kind = "resident" if device.type == "cuda" or batch_only else "torchvision"
-    common = dict(batch_size=config.batch_size // world.size, seed=config.seed,
-                  rank=world.rank, world_size=world.size)
-    if kind == "resident":
-        loader = build_resident_loader(splits.train.images, splits.train.labels,
-                                       config.data.augment, splits.mean, splits.std,
-                                       device=device, compile_mode=config.compile, **common)
-        return loader, loader
-    workers = config.data.workers if config.data.workers >= 0 else default_workers(device)
-    return build_train_loader(
-        torch.from_numpy(splits.train.images),
-        torch.from_numpy(splits.train.labels),
-        train_transform(config.data.augment, splits.mean, splits.std),
-        workers=workers,
-        pin_memory=device.type == "cuda",
-        **common,
-    )
-
-
-def weights_payload(
-    model: nn.Module, config: Config, splits: Splits, epoch: int, val_acc: float | None
-) -> dict[str, Any]:
-    """What best.pt holds, and last.pt on top of its training state (see checkpoint.py)."""
-    return {
-        "format": checkpoint.FORMAT,
-        "version": checkpoint.VERSION,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_args": architecture(
-            model, model_args(config.model.name, len(splits.classes), config.model.width)),
-        "classes": list(splits.classes),
-        "mean": list(splits.mean),
-        "std": list(splits.std),
-        "config": config.to_dict(),
-        "epoch": epoch,
-        "val_acc": val_acc,
-    }
-
-
-def save(payload: dict[str, Any], path: Path) -> None:
-    """Write a checkpoint into its run folder, tagged with the folder's run id."""
-    payload["run_id"] = checkpoint.read_run_id(path.parent)
-    try:
-        checkpoint.save_atomic(payload, path)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise TrainingFailed(
-            f"could not write {path} ({reason}); the previous checkpoint is kept; free disk "
-            f"space, then continue with: cifarlab train --resume {path.parent}"
-        ) from None
-
-
-def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
-    """metrics.csv from the history in last.pt, rewritten whole so that the two agree."""
-    columns = METRICS
-    if any("ema_val_acc" in row for row in history):  # empty cells for epochs without EMA
-        columns = (*METRICS[:-1], *EMA_METRICS, METRICS[-1])
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(columns)
-    for row in history:
-        writer.writerow([row["epoch"], *(f"{row[k]:.6g}" if k in row else ""
-                                         for k in columns[1:])])
-    checkpoint.write_atomic(run_dir / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
-
-
-def check_flags(flags: list[Flags], epoch: int, config: Config) -> bool:
-    """Raise when a step's loss was NaN or infinite; return whether a stop was requested."""
-    for f in flags:
-        if f.loss_not_finite:
-            raise TrainingFailed(
-                f"the training loss became NaN or infinite at epoch {epoch}, step {f.step}; "
-                f"the checkpoints from before are kept; lower the learning rate (--lr, now "
-                f"{config.optim.lr:g}) or train in float32 (--amp off)"
-            )
-    return any(f.stop_requested for f in flags)
-
-
-def check_loss_scale(scaler: torch.amp.GradScaler, epoch: int) -> None:
-    """fp16: the GradScaler halves its scale at each skipped (overflowing) step; a scale
-    under MIN_LOSS_SCALE means steps kept being skipped, so the weights stopped learning."""
-    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
-        raise TrainingFailed(
-            f"fp16 gradients overflowed step after step (loss scale {scaler.get_scale():g}) "
-            f"in epoch {epoch}; the checkpoints from before are kept; use --amp bf16 or "
-            "lower --lr"
-        )
 
 
 def fit(config: Config, *, resume: str | Path | None = None,
@@ -485,111 +216,6 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
             file_log.close()
         if config.deterministic:
             set_deterministic(False)
-
-
-@dataclass
-class Parts:
-    """What a run trains with, built once by `build_parts`."""
-
-    model: nn.Module  # what is evaluated and saved
-    train_model: nn.Module  # what steps: `model`, or DDP around it (averages the gradients)
-    step: TrainStep  # owns the optimizer, scheduler, scaler and EMA
-    criterion: nn.Module  # validation loss: cross-entropy with the run's label smoothing
-    mix: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # training/mixing.py
-    ema: ModelEma | None
-    lr_at: Callable[[int], float]  # multiplier of optim.lr at each step
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
-    sampler: EpochBatchSampler | ResidentLoader  # positions the loader: set_epoch(epoch, step)
-    layout: torch.memory_format  # of the model and its batches (step.memory_format)
-    teacher: Teacher | None = None  # distillation: frozen, seen by the step, never saved
-    pace: Pace | None = None  # says at the start when a CPU run will take hours
-
-
-@dataclass
-class Progress:
-    """Where the run stands; last.pt saves it with the weights and the optimizer."""
-
-    early_stopping: EarlyStopping
-    history: list[dict[str, float]] = field(default_factory=list)
-    epoch: int = 1  # the next step to run
-    step: int = 0
-    partial: dict[str, float] = field(default_factory=lambda: NO_PARTIAL_EPOCH)  # its sums
-    earlier_seconds: float = 0.0  # training time before this process took over
-    started: float = field(default_factory=time.perf_counter)  # when this process took over
-
-    def seconds(self) -> float:
-        return self.earlier_seconds + time.perf_counter() - self.started
-
-
-def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.device,
-                amp_dtype: torch.dtype | None, world: World, teacher: Teacher | None = None
-                ) -> Parts:
-    if config.sync_batchnorm and world.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    layout = memory_format(device, model)  # on the CPU, NCHW where oneDNN would fail (step.py)
-    model = model.to(device, memory_format=layout)
-    train_model = model
-    if world.distributed:
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = build_optimizer(model, config.optim, device)
-    loader, sampler = make_loader(config, splits, device, world)
-    lr_at = schedule_of(config.optim, config.epochs, len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  group_schedules(optimizer, lr_at, len(loader)))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    mixer, train_loss = build_mixer(config.mix, len(splits.classes),
-                                    config.optim.label_smoothing, config.seed, world.rank)
-    if teacher is not None:
-        train_loss = DistillLoss(train_loss, config.distill.temperature, config.distill.alpha)
-    ema = ModelEma(model, config.ema.decay) if config.ema.enabled else None
-    step = TrainStep(compiled(train_model, config.compile, device), train_loss, optimizer,
-                     scaler, scheduler, amp_dtype, ema,
-                     teacher.model if teacher is not None else None)
-    return Parts(model, train_model, step,
-                 nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
-                 mixer or no_mixing, ema, lr_at, loader, sampler, layout, teacher)
-
-
-def restore(parts: Parts, config: Config, state: dict[str, Any]) -> Progress:
-    """Load last.pt's weights, optimizer, schedule, loss scale, EMA and RNG states; the
-    progress it saved."""
-    ts = state["train_state"]
-    parts.model.load_state_dict(state["model"])
-    optimizer, scheduler = parts.step.optimizer, parts.step.scheduler
-    optimizer.load_state_dict(ts["optimizer"])
-    scheduler.load_state_dict(ts["scheduler"])
-    set_hyperparameters(optimizer, scheduler, config.optim)
-    parts.step.scaler.load_state_dict(ts["scaler"])
-    if parts.ema is not None:  # EMA switched on at resume: it starts from the weights
-        parts.ema.load_state_dict(ts.get("ema", {"weights": state["model"], "updates": 0}))
-    early_stopping = EarlyStopping(**ts["early_stopping"])
-    early_stopping.patience = config.patience
-    set_rng_states(ts["rng"])
-    (epoch, step), partial = ts["position"], ts["partial_epoch"]
-    return Progress(early_stopping, ts["history"], epoch, step, partial, ts["train_seconds"])
-
-
-def save_last(run_dir: Path, parts: Parts, progress: Progress, position: tuple[int, int],
-              partial: dict[str, float], payload: dict[str, Any]) -> None:
-    """last.pt: the weights of `payload` and everything the step at `position` needs."""
-    payload["train_state"] = {
-        "optimizer": parts.step.optimizer.state_dict(),
-        "scheduler": parts.step.scheduler.state_dict(),
-        "scaler": parts.step.scaler.state_dict(),
-        "early_stopping": asdict(progress.early_stopping),
-        "history": progress.history,
-        "position": list(position),
-        "partial_epoch": partial,
-        "train_seconds": progress.seconds(),
-        "rng": rng_states(),
-    }
-    if parts.ema is not None:
-        payload["train_state"]["ema"] = parts.ema.state_dict()
-    if parts.teacher is not None:  # who it is, so that --resume can check; not its weights
-        payload["train_state"]["teacher"] = parts.teacher.identity
-    save(payload, run_dir / "last.pt")
 
 
 def epoch_sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> dict[str, float]:
@@ -760,30 +386,6 @@ def _train(
         board.finish(flat_settings(config), asdict(result))
         board.close()
     return result
-
-
-def describe_run(config: Config, splits: Splits, model: nn.Module, device: torch.device,
-                 precision: Precision, world: World, run_dir: Path) -> str:
-    n_params = sum(p.numel() for p in model.parameters())
-    optim, mix = config.optim, config.mix
-    mixing = (f"mixup alpha {mix.mixup_alpha:g}, CutMix alpha {mix.cutmix_alpha:g} "
-              f"(p {mix.prob:g}, switch {mix.switch_prob:g})"
-              if mix.mixup_alpha or mix.cutmix_alpha else "no mixup/CutMix")
-    ema = f"EMA decay {config.ema.decay:g}" if config.ema.enabled else "no EMA"
-    chosen = "EMA weights" if config.ema.select == "ema" else "model's weights"
-    kd = config.distill
-    distilled = (f", distilled from {kd.teacher} (T {kd.temperature:g}, alpha {kd.alpha:g})"
-                 if kd.teacher else "")
-    return (
-        f"run {run_dir}: {config.model.name} width {config.model.width} ({n_params:,} "
-        f"parameters) on {world.size} x {device.type} ({torch.get_num_threads()} threads), "
-        f"{precision.reason}; "
-        f"{len(splits.train.labels):,} train / {len(splits.val.labels):,} val / "
-        f"{len(splits.test.labels) if splits.test else 0:,} test images, "
-        f"{len(splits.classes)} classes; {optim.name}{' nesterov' if optim.nesterov else ''} "
-        f"lr {optim.lr:g}, {optim.schedule} schedule, {mixing}, {ema}{distilled}; the best "
-        f"checkpoint is chosen on the validation accuracy of the {chosen}"
-    )
 
 
 def finish(config: Config, splits: Splits, model: nn.Module, device: torch.device,

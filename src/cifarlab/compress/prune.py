@@ -37,10 +37,10 @@ from torch import nn
 from cifarlab import checkpoint
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import normalize
+from cifarlab.devices import memory_format
 from cifarlab.errors import UserError, import_package
 from cifarlab.models import LAYERS, MODELS, architecture
 from cifarlab.profile import model_size
-from cifarlab.step import memory_format
 
 log = logging.getLogger("cifarlab")
 
@@ -146,7 +146,7 @@ def _importance(kind: str) -> Any:
 def _gradients(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Accumulate the loss gradient of `batches` in the weights (taylor importance). In eval
     mode, so BatchNorm's running statistics stay; in the layout training uses on the CPU
-    (step.memory_format: NCHW where oneDNN's channels-last gradient is wrong)."""
+    (devices.memory_format: NCHW where oneDNN's channels-last gradient is wrong)."""
     layout = memory_format("cpu", model)
     model.eval().to(memory_format=layout)
     model.zero_grad(set_to_none=True)
@@ -272,7 +272,8 @@ def prune_run(path: str | Path, config: Config, measure: str, fraction: float,
     settings with the caller's changes) into a new run folder; return its path."""
     from cifarlab.data.splits import prepare_splits
     from cifarlab.evaluate import evaluate
-    from cifarlab.train import check_run_dir, fit, run_dir_for
+    from cifarlab.rundir import check_run_dir, run_dir_for
+    from cifarlab.train import fit
 
     check_target(measure, fraction)
     _importance(importance)

@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms import v2
 
 from cifarlab.config import AugmentConfig
-from cifarlab.step import memory_format
+from cifarlab.devices import memory_format
 
 
 def train_transform(
@@ -63,7 +63,7 @@ class Cutout(torch.nn.Module):
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 NHWC batch -> float NCHW batch, normalised, in the device's layout
-    (step.memory_format: channels-last memory on CUDA, contiguous NCHW on the CPU)."""
+    (devices.memory_format: channels-last memory on CUDA, contiguous NCHW on the CPU)."""
     x = images.permute(0, 3, 1, 2).float().div_(255)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)

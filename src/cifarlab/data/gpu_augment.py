@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.config import AugmentConfig
-from cifarlab.step import compiled, memory_format
+from cifarlab.devices import compiled, memory_format
 
 if TYPE_CHECKING:  # policies.py builds on this module's ops; imported where a chain needs it
     from cifarlab.data.policies import PolicyParams
@@ -349,7 +349,7 @@ def erase(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 class BatchAugment:
     """The seed's training augmentation (cpu_augment.train_transform) for whole batches:
     uint8 images (N, H, W, C), or (N, C, H, W) with C = 3, -> normalised float32
-    (N, C, H, W) in the device's layout (step.memory_format: channels-last memory on CUDA,
+    (N, C, H, W) in the device's layout (devices.memory_format: channels-last memory on CUDA,
     contiguous NCHW on the CPU). Ops whose strength is 0 are left out."""
 
     def __init__(

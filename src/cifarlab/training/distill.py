@@ -32,8 +32,8 @@ from torch import nn
 
 from cifarlab import checkpoint
 from cifarlab.data.splits import Splits
+from cifarlab.devices import memory_format
 from cifarlab.errors import UserError
-from cifarlab.step import memory_format
 
 # The mean and std measured on the same split agree to float rounding; those of another
 # subset or split of the same images differ by far more.

@@ -1,4 +1,5 @@
-"""The device a run trains on, and the precision it trains in.
+"""Where and how a run computes: the device, the precision, the memory layout of the model
+and its batches, and torch.compile.
 
 On CUDA `amp auto` is fp16 autocast with a GradScaler. On the CPU the choice is measured:
 oneDNN runs bfloat16 convolutions natively only on CPUs with AVX512_BF16 or AMX (where they
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -118,3 +121,86 @@ def _step_seconds(model: nn.Module, batch_size: int, layout: torch.memory_format
         if i:  # the first step allocates and picks kernels
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+# oneDNN's largest vector block, in float32 channels: 8 with AVX2, 16 with AVX-512.
+ONEDNN_MAX_BLOCK = 16
+
+
+def channels_last_is_safe(model: nn.Module) -> bool:
+    """Whether `model` can train in channels-last memory on a CPU.
+
+    oneDNN's weight gradient of a 1x1 convolution with a stride above 1 (a ResNet shortcut)
+    with channels-last input and fewer input channels than its vector block hangs, aborts or
+    is silently wrong (uxlfoundation/oneDNN#6035; measured with AVX2 kernels on an AMD EPYC:
+    9 % to 99 % relative error at 2, 4, 6 and 7 input channels, a hang or an abort at 3 and
+    5; correct from 8 on, and on AVX-512 kernels). Narrow and pruned networks reach such
+    channel counts; contiguous NCHW input takes other kernels, which are correct.
+    """
+    return not any(
+        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+        and m.in_channels // m.groups < ONEDNN_MAX_BLOCK
+        for m in model.modules())
+
+
+def memory_format(device: torch.device | str, model: nn.Module | None = None
+                  ) -> torch.memory_format:
+    """The layout of image batches and of `model` on `device`.
+
+    CUDA: channels-last, which cuDNN's fastest kernels want. CPU: channels-last too where
+    `channels_last_is_safe(model)` (measured 14-42 % faster than NCHW on 2 cores,
+    BENCHMARKS.md), contiguous NCHW otherwise and where no model is given.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.channels_last
+    safe = model is not None and channels_last_is_safe(model)
+    return torch.channels_last if safe else torch.contiguous_format
+
+
+def compiled(fn: Callable[..., Any], mode: str, device: torch.device | str) -> Callable[..., Any]:
+    """A module or function under torch.compile in `mode` (config.COMPILE_MODES) for
+    `device`, or itself for "off".
+
+    "reduce-overhead" replays the compiled code as CUDA graphs, which removes the launch
+    overhead that bounds a GPU on 32x32 images. Shapes are static: the last, smaller batch
+    of an epoch compiles once more instead of making every graph shape-generic.
+    A compiled module shares its parameters with the original, which stays the one that is
+    evaluated and saved (its state_dict keys carry no compile prefix).
+
+    On the CPU, inductor's layout optimisation would turn every convolution channels-last,
+    straight into the oneDNN fault that `memory_format` avoids; it is switched off there,
+    so that the compiled step keeps the layouts it is given (the options of `mode` plus that
+    one: torch.compile takes a mode or options, not both).
+    """
+    if mode == "off":
+        return fn
+    if torch.device(device).type == "cpu":
+        from torch._inductor import list_mode_options
+
+        options = {**list_mode_options(mode), "layout_optimization": False}
+        return torch.compile(fn, options=options, dynamic=False)
+    return torch.compile(fn, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def check_compile(mode: str, device: torch.device) -> None:
+    """Refuse a compile mode that cannot work here, before any work is done: torch.compile
+    generates Triton kernels for CUDA and C++ for the CPU."""
+    if mode == "off":
+        return
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise UserError(f"--compile {mode}: torch.compile needs Triton on CUDA GPUs and it "
+                            "is not installed; pip install triton, or use --compile off")
+        return
+    try:  # a private helper of inductor: without it, a missing compiler shows at compile time
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return
+    try:
+        get_cpp_compiler()
+    except RuntimeError:
+        raise UserError(f"--compile {mode}: torch.compile on the CPU needs a C++ compiler and "
+                        "none was found; install g++ (or set CXX), or use --compile off"
+                        ) from None
