@@ -13,7 +13,8 @@ from PIL import Image
 from cifarlab import checkpoint
 from cifarlab.cli import main
 from cifarlab.data.cpu_augment import normalize
-from cifarlab.data.sources import ImageSet, load_source
+from cifarlab.data.sources import load_source
+from cifarlab.data.sources.images import ImageSet
 from cifarlab.errors import UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.predict import predict_files, to_model_input

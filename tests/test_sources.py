@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarlab.data import sources
-from cifarlab.data.sources import ImageSet, SourceData, load_source
+from cifarlab.data.sources import images, load_source
+from cifarlab.data.sources.cache import _read_cache
+from cifarlab.data.sources.images import ImageSet, SourceData
 from cifarlab.errors import UserError
 
 NAMES = [f"name{i}" for i in range(10)]
@@ -344,7 +345,7 @@ def test_cache_hit_rebuild_and_invalidation(tmp_path: Path, monkeypatch) -> None
         raise AssertionError("decoded again despite the cache")
 
     with monkeypatch.context() as m:
-        m.setattr(sources, "_decode_chunk", broken)
+        m.setattr(images, "_decode_chunk", broken)
         again = load_source(str(tmp_path / "d"), root)
     np.testing.assert_array_equal(again.train.images, first.train.images)
     np.testing.assert_array_equal(again.train.labels, first.train.labels)
@@ -352,7 +353,7 @@ def test_cache_hit_rebuild_and_invalidation(tmp_path: Path, monkeypatch) -> None
 
     cache.write_bytes(b"PK\x03\x04 not really a zip")  # corrupt: rebuilt
     check_tree(load_source(str(tmp_path / "d"), root).train)
-    assert sources._read_cache(cache) is not None
+    assert _read_cache(cache) is not None
 
     # A changed file is a new source: decoded again, the stale cache file is replaced.
     (tmp_path / "d" / "cat" / "x.png").write_bytes(image_bytes("L", "PNG"))
@@ -375,8 +376,8 @@ def test_chunked_decoding_matches(tmp_path: Path, monkeypatch, workers: int) -> 
                                 for i in range(3)})
     (tmp_path / "d" / "c1" / "2.png").write_bytes(image_bytes("L", "JPEG"))
     serial = load_source(str(tmp_path / "d"), tmp_path / "r1")
-    monkeypatch.setattr(sources, "_CHUNK", 2)
-    monkeypatch.setattr(sources, "_workers", lambda: workers)
+    monkeypatch.setattr(images, "_CHUNK", 2)
+    monkeypatch.setattr(images, "_workers", lambda: workers)
     pooled = load_source(str(tmp_path / "d"), tmp_path / "r2")
     np.testing.assert_array_equal(pooled.train.images, serial.train.images)
     np.testing.assert_array_equal(pooled.train.labels, serial.train.labels)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab.data.sources import ImageSet
+from cifarlab.data.sources.images import ImageSet
 from cifarlab.data.splits import (
     balanced_subset,
     channel_stats,

@@ -12,7 +12,7 @@ from torch import nn
 
 from cifarlab import distributed
 from cifarlab.data.cpu_augment import normalize
-from cifarlab.data.sources import ImageSet
+from cifarlab.data.sources.images import ImageSet
 from cifarlab.devices import memory_format
 from cifarlab.distributed import World
 from cifarlab.interrupt import heartbeat

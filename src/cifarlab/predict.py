@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cifarlab.data.sources import SIZE, decode_image
+from cifarlab.data.sources.images import SIZE, decode_image
 from cifarlab.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported only for checkpoints: an .onnx file needs onnxruntime

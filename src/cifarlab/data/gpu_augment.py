@@ -27,16 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from cifarlab.config import AugmentConfig
+from cifarlab.data.image_ops import _per_image, blend, gray, warp
+from cifarlab.data.policies import Policy, PolicyParams, cutout, draw_cutout
 from cifarlab.devices import compiled, memory_format
-
-if TYPE_CHECKING:  # policies.py builds on this module's ops; imported where a chain needs it
-    from cifarlab.data.policies import PolicyParams
 
 # torchvision's ColorJitter op ids: it applies them in a random permutation of these.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -101,21 +98,6 @@ def rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return warp(x, torch.stack([cos, sin, zero, -sin, cos, zero], 1).view(-1, 2, 3).float())
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Sample each image (N, C, H, W) at its own inverse affine matrix `theta` (N, 2, 3),
-    float32, in torchvision's pixel units about the centre (its `_get_inverse_affine_matrix`),
-    with torchvision's `_affine_grid` arithmetic: nearest neighbour, zeros outside."""
-    n, _, h, w = x.shape
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
-    one = torch.ones((), device=x.device)
-    base = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None], one), -1)  # (H, W, 3)
-    theta_t = theta.transpose(1, 2)
-    scaled = torch.stack([theta_t[..., 0] / (0.5 * w), theta_t[..., 1] / (0.5 * h)], -1)
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
 # --- colour jitter --------------------------------------------------------------------------
 
 def draw_jitter(
@@ -132,31 +114,6 @@ def draw_jitter(
             [_uniform(n, generator, max(0.0, 1 - s), 1 + s) for s in strengths], 1)
     shift = _uniform(n, generator, -hue, hue) if hue > 0 else None
     return JitterParams(order, factors, shift)
-
-
-def _per_image(values: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, 1, 1, 1)
-
-
-def gray(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's luma of a uint8 image, floored: (N, 1, H, W)."""
-    r, g, b = x.unbind(1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(1)
-
-
-def blend(
-    x: torch.Tensor, factor: torch.Tensor, ref: torch.Tensor, rest: torch.Tensor | None = None
-) -> torch.Tensor:
-    """torchvision's `_blend` on uint8 images: floor(clamp(x * f + ref * (1 - f))).
-
-    `rest`: the float32 weight of `ref` when torchvision's `1 - f` is computed in float64
-    from a factor that float32 cannot hold (then it differs from float32's 1 - f)."""
-    f = _per_image(factor)
-    rest = 1 - f if rest is None else _per_image(rest)
-    # torchvision adds ref * (1 - f) with a fused multiply-add (one rounding, on CPU vector
-    # units and CUDA); float64 keeps that single rounding, so floor() agrees bit for bit.
-    mixed = torch.addcmul(x.mul(f).double(), ref.double(), rest.double()).float()
-    return mixed.clamp_(0, 255).floor_()
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -361,8 +318,6 @@ class BatchAugment:
         self.std = torch.tensor(std, dtype=torch.float32, device=device)
         self.policy = None
         if aug.policy != "none":
-            from cifarlab.data.policies import Policy
-
             self.policy = Policy(aug.policy, aug.randaugment_n, aug.randaugment_m, device)
         # `compile_mode` (config.COMPILE_MODES) compiles `apply` for calls: its hundreds of
         # small ops become a few fused kernels. The draws stay eager, so the random streams
@@ -386,7 +341,7 @@ class BatchAugment:
             if a.erase_p > 0 else None,
             # Drawn after the seed's ops, so that their draws do not depend on these settings.
             policy=self.policy.draw(n, size, generator) if self.policy is not None else None,
-            cutout=_draw_cutout(n, size, generator) if a.cutout > 0 else None,
+            cutout=draw_cutout(n, size, generator) if a.cutout > 0 else None,
         )
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
@@ -406,7 +361,7 @@ class BatchAugment:
         x = normalize(x.contiguous(memory_format=memory_format(x.device)), self.mean, self.std)
         if params.erase is not None:
             x = erase(x, params.erase)
-        return _cutout(x, params.cutout, self.aug.cutout) if params.cutout is not None else x
+        return cutout(x, params.cutout, self.aug.cutout) if params.cutout is not None else x
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator,
                  flip: torch.Tensor | None = None) -> torch.Tensor:
@@ -415,18 +370,6 @@ class BatchAugment:
         if flip is not None:
             params.flip = flip
         return self._apply(images, params)
-
-
-def _draw_cutout(n: int, size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    from cifarlab.data.policies import draw_cutout
-
-    return draw_cutout(n, size, generator)
-
-
-def _cutout(x: torch.Tensor, centres: torch.Tensor, length: int) -> torch.Tensor:
-    from cifarlab.data.policies import cutout
-
-    return cutout(x, centres, length)
 
 
 def _nchw(images: torch.Tensor) -> torch.Tensor:

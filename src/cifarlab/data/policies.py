@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from cifarlab.config import POLICIES
-from cifarlab.data.gpu_augment import blend, gray, warp
+from cifarlab.data.image_ops import _per_image, blend, gray, warp
 
 NUM_BINS = 31  # TrivialAugmentWide's and RandAugment's magnitude bins (torchvision's default)
 AUTOAUGMENT_BINS = 10
@@ -171,10 +171,6 @@ class Policy:
 
 
 # --- the ops ----------------------------------------------------------------------------------
-
-def _per_image(values: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, 1, 1, 1)
-
 
 def affine_matrix(op: torch.Tensor, magnitude: torch.Tensor, size: tuple[int, int]
                   ) -> torch.Tensor:

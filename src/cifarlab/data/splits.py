@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from cifarlab.config import DataConfig
-from cifarlab.data.sources import ImageSet, load_source
+from cifarlab.data.sources import load_source
+from cifarlab.data.sources.images import ImageSet
 from cifarlab.errors import UserError
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab import config as cfg
-from cifarlab.data.sources import ImageSet, load_source
+from cifarlab.data.sources import load_source
+from cifarlab.data.sources.images import ImageSet
 from cifarlab.deploy import bench, export, runtime
 from cifarlab.errors import UserError
 
