@@ -4,6 +4,7 @@ torch.compile leaving what is trained and saved unchanged."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -196,13 +197,20 @@ def test_compiled_augmentation_gives_the_same_batches(eager_compile):
     assert len(eager_compile) == 1
 
 
-def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, eager_compile):
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, eager_compile,
+                                                                 caplog):
     torch._dynamo.reset()
-    eager = fit(tiny(tmp_path, "eager"))
-    compiled = fit(tiny(tmp_path, "compiled", compile="reduce-overhead"))
+    with caplog.at_level(logging.INFO, "cifarlab"):
+        eager = fit(tiny(tmp_path, "eager"))
+        assert "torch.compile" not in caplog.text
+        compiled = fit(tiny(tmp_path, "compiled", compile="max-autotune"))
+    assert "torch.compile (max-autotune) compiles the step" in caplog.text
     # The model and the augmentation of the resident loader; on the CPU, the mode's options
     # with inductor's channels-last layout switched off (devices.memory_format).
-    cpu_options = {"triton.cudagraphs": True, "layout_optimization": False}
+    from torch._inductor import list_mode_options
+
+    cpu_options = {**list_mode_options("max-autotune"), "layout_optimization": False}
+    assert cpu_options["max_autotune"]
     assert eager_compile == [{"options": cpu_options, "dynamic": False}] * 2
     a = json.loads((tmp_path / "eager" / "result.json").read_text())
     b = json.loads((tmp_path / "compiled" / "result.json").read_text())
@@ -223,6 +231,12 @@ def test_compile_without_a_cpu_compiler_is_refused_before_anything_is_written(tm
     monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-c++-compiler",))
     with pytest.raises(UserError, match="--compile default: .*needs a C\\+\\+ compiler"):
         fit(tiny(tmp_path, "r", compile="default"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_cuda_graphs_on_a_cpu_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(UserError, match="reduce-overhead replays CUDA graphs.*--compile default"):
+        fit(tiny(tmp_path, "r", compile="reduce-overhead"))
     assert not (tmp_path / "r").exists()
 
 

@@ -194,6 +194,9 @@ def check_compile(mode: str, device: torch.device) -> None:
             raise UserError(f"--compile {mode}: torch.compile needs Triton on CUDA GPUs and it "
                             "is not installed; pip install triton, or use --compile off")
         return
+    if mode == "reduce-overhead":
+        raise UserError("--compile reduce-overhead replays CUDA graphs, which a CPU does not "
+                        "have; on the CPU use --compile default (or max-autotune)")
     try:  # a private helper of inductor: without it, a missing compiler shows at compile time
         from torch._inductor.cpp_builder import get_cpp_compiler
     except ImportError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import shutil
 import tempfile
 import time
@@ -28,6 +29,8 @@ from cifarlab.training.progress import EarlyStopping, Progress
 
 if TYPE_CHECKING:
     from cifarlab.training.parts import Parts
+
+log = logging.getLogger("cifarlab")
 
 METRICS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 EMA_METRICS = ("ema_val_loss", "ema_val_acc")  # before `seconds`, when EMA is on
@@ -70,6 +73,26 @@ def check_run_dir(run_dir: Path) -> None:
     except OSError:
         raise UserError(f"cannot write the run folder {run_dir}: {parent} is not a writable "
                         "folder; choose another --out") from None
+
+
+def open_run_folder(run_dir: Path, config: Config, held: contextlib.ExitStack, new: bool
+                    ) -> None:
+    """Rank 0, before the first step: the folder created and held (a `new` one checked again
+    once held: a process that started with this one may have taken it), the files of a
+    finished run removed (a resumed run is unfinished again), leftovers of an interrupted save
+    removed, config.yaml written and a run id given where there is none (a new run, or one
+    from before run ids)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if new:
+        held.enter_context(hold_run_folder(run_dir))
+        check_run_dir(run_dir)
+    for finished in ("result.json", "report.md", "report.html"):
+        (run_dir / finished).unlink(missing_ok=True)
+    for leftover in checkpoint.remove_leftovers(run_dir):
+        log.info(f"removed {leftover.name}, left by an interrupted save")
+    checkpoint.write_atomic(run_dir / "config.yaml", lambda f: f.write(config.to_yaml().encode()))
+    if checkpoint.read_run_id(run_dir) is None:
+        checkpoint.write_run_id(run_dir, checkpoint.new_run_id())
 
 
 def check_disk_space(run_dir: Path, model: nn.Module) -> None:

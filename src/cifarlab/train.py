@@ -45,6 +45,7 @@ from cifarlab.rundir import (
     check_run_dir,
     hold_run_folder,
     load_resume_state,
+    open_run_folder,
     restore,
     run_dir_for,
     save,
@@ -60,6 +61,7 @@ from cifarlab.training.optim import schedule_warning
 from cifarlab.training.pace import Pace
 from cifarlab.training.parts import Parts, build_parts, describe_run
 from cifarlab.training.progress import NO_PARTIAL_EPOCH, EarlyStopping, Progress
+from cifarlab.training.ticker import Ticker
 
 log = logging.getLogger("cifarlab")
 
@@ -187,18 +189,7 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
 
     file_log = None
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:  # a process that started with this one may have taken the folder
-            held.enter_context(hold_run_folder(run_dir))
-            check_run_dir(run_dir)
-        for finished in ("result.json", "report.md", "report.html"):
-            (run_dir / finished).unlink(missing_ok=True)  # a resumed run is unfinished again
-        for leftover in checkpoint.remove_leftovers(run_dir):
-            log.info(f"removed {leftover.name}, left by an interrupted save")
-        checkpoint.write_atomic(run_dir / "config.yaml",
-                                lambda f: f.write(config.to_yaml().encode()))
-        if checkpoint.read_run_id(run_dir) is None:  # a new run, or one from before run ids
-            checkpoint.write_run_id(run_dir, checkpoint.new_run_id())
+        open_run_folder(run_dir, config, held, new=resume is None)
         file_log = logging.FileHandler(run_dir / "train.log")
         log.addHandler(file_log)
     try:
@@ -227,7 +218,7 @@ def epoch_sums(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> dict
 
 def train_epoch(parts: Parts, config: Config, epoch: int, step: int, partial: dict[str, float],
                 flags: StepFlags, stop: StopRequest, device: torch.device,
-                show_progress: bool) -> tuple[dict[str, float], int | None]:
+                display: str | None) -> tuple[dict[str, float], int | None]:
     """Train `epoch` from `step` (0-based) on; the epoch's sums (`partial` included), and
     the step a stop was requested at (None when the epoch ran to its end)."""
     parts.sampler.set_epoch(epoch, step)
@@ -236,8 +227,12 @@ def train_epoch(parts: Parts, config: Config, epoch: int, step: int, partial: di
     loss_sum = torch.tensor(partial["loss_sum"], dtype=torch.float64, device=device)
     correct = torch.tensor(partial["correct"], dtype=torch.int64, device=device)
     seen = partial["seen"]
+    # Rank 0 shows the epoch's progress: tqdm's bar on a terminal, a line now and then
+    # elsewhere (a log file, a job scheduler).
+    ticker = Ticker(epoch, config.epochs, len(parts.loader), step) if display == "lines" \
+        else None
     for x, y in tqdm(parts.loader, desc=f"epoch {epoch}", initial=step,
-                     total=len(parts.loader), leave=False, disable=not show_progress):
+                     total=len(parts.loader), leave=False, disable=display != "bar"):
         if check_flags(flags.ready(), epoch, config):
             # Stop here, after the steps already queued, once none of them went NaN.
             check_flags(flags.drain(), epoch, config)
@@ -254,6 +249,8 @@ def train_epoch(parts: Parts, config: Config, epoch: int, step: int, partial: di
         heartbeat()
         if parts.pace is not None:
             parts.pace.step()
+        if ticker is not None:
+            ticker.step(step)
     check_flags(flags.drain(), epoch, config)
     check_loss_scale(parts.step.scaler, epoch)
     return epoch_sums(loss_sum, correct, seen), None
@@ -306,6 +303,9 @@ def _train(
         steps_left = (config.epochs - progress.epoch + 1) * steps_per_epoch - progress.step
         parts.pace = Pace(steps_left, device.type, config.preset, log)
     log.info(describe_run(config, splits, model, device, precision, world, run_dir))
+    if config.compile != "off":
+        log.info(f"torch.compile ({config.compile}) compiles the step during the first steps "
+                 "of epoch 1 (and again for an epoch's last, smaller batch): they are slow")
     if (warning := schedule_warning(config.optim, config.epochs)) and world.is_main:
         log.warning(warning)
     if teacher is not None:
@@ -327,7 +327,7 @@ def _train(
         )
 
     flags = StepFlags(device, lag=FLAG_LAG)  # drained at the end of every epoch
-    show_progress = sys.stderr.isatty() and world.is_main
+    display = ("bar" if sys.stderr.isatty() else "lines") if world.is_main else None
     epoch = progress.epoch
     for epoch in range(progress.epoch, config.epochs + 1):
         epoch_start = time.perf_counter()
@@ -335,7 +335,7 @@ def _train(
         # A resumed epoch starts from the sums saved by rank 0 (the other ranks add zero).
         partial = progress.partial if first and world.is_main else NO_PARTIAL_EPOCH
         totals, stopped_at = train_epoch(parts, config, epoch, progress.step if first else 0,
-                                         partial, flags, stop, device, show_progress)
+                                         partial, flags, stop, device, display)
         if stopped_at is not None:
             if world.is_main:
                 weights = weights_payload(model, config, splits, epoch - 1, None)
