@@ -24,13 +24,14 @@ import time
 import torch
 from torch import nn
 
-from cifarlab.config import COMPILE_MODES, AugmentConfig
+from cifarlab.config import AugmentConfig
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.loader import build_train_loader
 from cifarlab.data.resident import build_resident_loader
 from cifarlab.data.sources import load_source
 from cifarlab.data.splits import channel_stats
 from cifarlab.models import create_model
+from cifarlab.settings_rules import COMPILE_MODES
 from cifarlab.step import StepFlags, TrainStep, compiled, memory_format
 from cifarlab.train import FLAG_LAG
 
