@@ -8,7 +8,7 @@
 - `torchvision`: the reference chain (cpu_augment.train_transform), one image at a time in
   this one process (CPU only; the training loader runs it in DataLoader workers).
 
-With `--policies P [P ...]` (words of config.POLICIES, or `cutout`), each policy is timed
+With `--policies P [P ...]` (words of settings_rules.POLICIES, or `cutout`), each policy is timed
 on top of the chain `--base` names (`seed`: the whole seed chain; `flip-crop`: the `fast`
 preset's flip and pad-and-crop), batched (data/policies.py, every image its own op) and, on
 the CPU, with torchvision's own transform one image at a time; `cutout` is a 16-pixel Cutout
@@ -35,9 +35,10 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from cifarlab.config import POLICIES, AugmentConfig
+from cifarlab.config import AugmentConfig
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.gpu_augment import BatchAugment
+from cifarlab.settings_rules import POLICIES
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 

@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from cifarlab.config import COMPILE_MODES, AugmentConfig
+from cifarlab.config import AugmentConfig
 from cifarlab.data.cpu_augment import train_transform
 from cifarlab.data.loader import build_train_loader
 from cifarlab.data.resident import build_resident_loader
@@ -32,6 +32,7 @@ from cifarlab.data.sources import load_source
 from cifarlab.data.splits import channel_stats
 from cifarlab.devices import compiled, memory_format
 from cifarlab.models import create_model
+from cifarlab.settings_rules import COMPILE_MODES
 from cifarlab.step import FLAG_LAG, StepFlags, TrainStep
 
 

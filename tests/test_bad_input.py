@@ -21,7 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
-from cifarlab import checkpoint, memory
+from cifarlab import checkpoint, memory, settings_rules
 from cifarlab import config as cfg
 from cifarlab.cli import main
 
@@ -171,7 +171,7 @@ def refused(args: list[str], place: Path, capsys) -> str:
 
 def test_every_setting_has_cases():
     assert set(CASES) == set(cfg.settings())
-    assert set(cfg.RULES) == set(cfg.settings())
+    assert set(settings_rules.RULES) == set(cfg.settings())
 
 
 @pytest.mark.parametrize("key, value", invalid_values())

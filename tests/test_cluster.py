@@ -116,7 +116,8 @@ def test_a_worker_signalled_as_the_sweep_started_again_fails_its_trial_stops_the
     worker and go on to train the others."""
     from cifarlab import checkpoint, train
     from cifarlab.studies.spec import load_study
-    from cifarlab.studies.sweep import open_study, retry_cut_short
+    from cifarlab.studies.sweep import open_study
+    from cifarlab.studies.workers import retry_cut_short
 
     out = tmp_path / "study"
     spec = write_study(tmp_path / "r.yaml", epochs=2, seeds=1)

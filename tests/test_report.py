@@ -11,14 +11,12 @@ import shutil
 from fake_runs import write_run
 
 from cifarlab.cli import main
+from cifarlab.document import Table, markdown_table, text_table
 from cifarlab.report import (
     CONFUSION_PNG,
     CURVES_PNG,
     REPORT_HTML,
     REPORT_MD,
-    Table,
-    markdown_table,
-    text_table,
     write_report,
 )
 

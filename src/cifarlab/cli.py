@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cifarlab import config as cfg
+from cifarlab import settings_rules
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.presets import PRESETS, get_preset
 
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, metavar="SPEC",
                           help="images to score (a source's test split when it has one)")
     evaluate.add_argument("--data-root", default="data")
-    evaluate.add_argument("--device", default="auto", choices=cfg.DEVICES)
+    evaluate.add_argument("--device", default="auto", choices=settings_rules.DEVICES)
     evaluate.add_argument("--batch-size", type=int, default=1024)
     evaluate.add_argument("--json", action="store_true", help="print JSON")
 
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--topk", type=int, default=3,
                          help="how many of the most probable classes to show (default 3; "
                               "more than there are shows them all)")
-    predict.add_argument("--device", default="auto", choices=cfg.DEVICES)
+    predict.add_argument("--device", default="auto", choices=settings_rules.DEVICES)
     predict.add_argument("--json", action="store_true", help="print JSON")
     add_deploy_commands(commands)
     add_prune_command(commands)
@@ -493,7 +494,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from cifarlab.profile import profile_model
 
-    check_range("--width", args.width, 1, cfg.MAX_WIDTH, 64)
+    check_range("--width", args.width, 1, settings_rules.MAX_WIDTH, 64)
     check_range("--classes", args.classes, 2, None, 10)
     if args.checkpoint is not None:
         from cifarlab import checkpoint
@@ -550,8 +551,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from cifarlab.comparison import comparison_tables
+    from cifarlab.document import markdown_table, text_table
     from cifarlab.plots import comparison_figure, save_figure
-    from cifarlab.report import comparison_tables, markdown_table, text_table
     from cifarlab.runs import read_runs
 
     if args.variants:

@@ -158,7 +158,7 @@ def memory_format(device: torch.device | str, model: nn.Module | None = None
 
 
 def compiled(fn: Callable[..., Any], mode: str, device: torch.device | str) -> Callable[..., Any]:
-    """A module or function under torch.compile in `mode` (config.COMPILE_MODES) for
+    """A module or function under torch.compile in `mode` (settings_rules.COMPILE_MODES) for
     `device`, or itself for "off".
 
     "reduce-overhead" replays the compiled code as CUDA graphs, which removes the launch

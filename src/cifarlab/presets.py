@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from cifarlab.config import AugmentConfig, Config, EmaConfig, ModelConfig, OptimConfig
 from cifarlab.errors import UserError
+from cifarlab.settings_rules import PRESET_NAMES
 
 
 def seed() -> Config:
@@ -134,9 +135,10 @@ def airbench() -> Config:
     return config
 
 
-PRESETS: dict[str, Callable[[], Config]] = {
-    "seed": seed, "baseline": baseline, "fast": fast, "best": best, "airbench": airbench,
-}
+# Each preset by its name; the names are settings_rules.PRESET_NAMES, in the same order, which
+# the `preset` setting is checked against without building a preset.
+PRESETS: dict[str, Callable[[], Config]] = dict(
+    zip(PRESET_NAMES, (seed, baseline, fast, best, airbench), strict=True))
 
 
 def get_preset(name: str) -> Config:

@@ -319,7 +319,7 @@ class BatchAugment:
         self.policy = None
         if aug.policy != "none":
             self.policy = Policy(aug.policy, aug.randaugment_n, aug.randaugment_m, device)
-        # `compile_mode` (config.COMPILE_MODES) compiles `apply` for calls: its hundreds of
+        # `compile_mode` (settings_rules.COMPILE_MODES) compiles `apply` for calls: its hundreds of
         # small ops become a few fused kernels. The draws stay eager, so the random streams
         # are the same either way.
         self._apply = compiled(self.apply, compile_mode, device)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cifarlab.config import POLICIES
 from cifarlab.data.image_ops import _per_image, blend, gray, warp
+from cifarlab.settings_rules import POLICIES
 
 NUM_BINS = 31  # TrivialAugmentWide's and RandAugment's magnitude bins (torchvision's default)
 AUTOAUGMENT_BINS = 10

@@ -90,7 +90,7 @@ def build_resident_loader(
     """A ResidentLoader over uint8 NHWC `images` copied to `device` (call `set_epoch` before
     iterating); it takes the place of both the loader and the sampler of
     loader.build_train_loader, with the same batches per epoch. `compile_mode`: torch.compile
-    the augmentation (config.COMPILE_MODES)."""
+    the augmentation (settings_rules.COMPILE_MODES)."""
     images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
     sampler = train_sampler(len(labels), batch_size, seed, rank=rank, world_size=world_size)
     return ResidentLoader(

@@ -255,8 +255,8 @@ def mark_fronts(variants: list[Variant]) -> None:
 
 
 def table(result: VariantsResult) -> Any:
-    """One row per variant (a report.Table)."""
-    from cifarlab.report import Table
+    """One row per variant (a document.Table)."""
+    from cifarlab.document import Table
 
     big = max(v.file_bytes for v in result.variants) >= 10e6
     unit, scale = ("MB", 1e6) if big else ("kB", 1e3)
@@ -293,7 +293,7 @@ def notes(result: VariantsResult) -> list[str]:
 
 
 def text(result: VariantsResult, markdown: bool = False) -> str:
-    from cifarlab.report import markdown_table, text_table
+    from cifarlab.document import markdown_table, text_table
 
     render = markdown_table if markdown else text_table
     return "\n".join([*result.header.lines(), "", render(table(result)), "",
@@ -344,11 +344,11 @@ def figure(result: VariantsResult) -> Any:
 
 
 def document(result: VariantsResult) -> Any:
-    """The written report (a report.Document)."""
+    """The written report (a document.Document)."""
     import time
 
     from cifarlab import __version__
-    from cifarlab.report import Document, Image, Section, Table, Text
+    from cifarlab.document import Document, Image, Section, Table, Text
 
     h = result.header
     machine = Table(["", ""], [
@@ -393,8 +393,8 @@ def _model_text(args: dict[str, Any]) -> str:
 def write_report(result: VariantsResult, folder: str | Path) -> Path:
     """variants.md, variants.png beside it, and a self-contained variants.html in `folder`
     (created when missing); return the HTML file."""
+    from cifarlab.document import to_html, to_markdown, write_files
     from cifarlab.plots import figure_bytes
-    from cifarlab.report import to_html, to_markdown, write_files
 
     folder = Path(folder)
     doc = document(result)

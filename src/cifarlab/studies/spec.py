@@ -37,6 +37,7 @@ from typing import Any
 from cifarlab import config as cfg
 from cifarlab.errors import UserError
 from cifarlab.presets import PRESETS, get_preset
+from cifarlab.settings_rules import _show, get
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -199,14 +200,14 @@ def _axis(key: str, value: Any, base: cfg.Config, where: str) -> Axis:
                             f"high {high}")
         if log and low <= 0:
             raise UserError(f"{where}: space {key}: a log range needs low > 0, got {low}")
-        current = cfg.get(base, key)
+        current = get(base, key)
         integer = isinstance(current, int) and not isinstance(current, bool)
         if integer and not (isinstance(low, int) and isinstance(high, int)):
             raise UserError(f"{where}: space {key} is an integer setting; give integer low "
                             f"and high, got {low} and {high}")
         if not integer and not isinstance(current, float):
             raise UserError(f"{where}: space {key} is not a number setting; list its values "
-                            f"instead, e.g. {key}: [{cfg._show(current)}]")
+                            f"instead, e.g. {key}: [{_show(current)}]")
         return Range(low, high, log, integer)
     raise UserError(f"{where}: space {key} must be a list of values or a range {{low: L, "
                     f"high: H, log: true|false}}, got {value!r}")
@@ -319,5 +320,5 @@ def check_study(study: Study, where: str) -> None:
         try:
             study.config_for(point, study.seeds - 1).validate()
         except UserError as e:
-            what = ", ".join(f"{k}={cfg._show(v)}" for k, v in point.items()) or "settings"
+            what = ", ".join(f"{k}={_show(v)}" for k, v in point.items()) or "settings"
             raise UserError(f"{where}: {what}: {e}") from None

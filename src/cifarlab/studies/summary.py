@@ -4,7 +4,7 @@ confidence interval over their seeds, the best point by mean validation accuracy
 t-test of each point against it, and the runs grouped by each listed axis alone; Optuna's
 figures (optimisation history, parameter importances, parallel coordinates). Written as
 study.md with the figures beside it and one self-contained study.html, by the run report's
-renderer (report.py).
+renderer (document.py).
 
 An ablation study (variants, one of them named `baseline`, and no space; `cifarlab ablate`
 writes one) is shown as its own table instead: each variant against the baseline, the
@@ -25,8 +25,7 @@ from typing import Any
 
 from cifarlab import __version__
 from cifarlab import config as cfg
-from cifarlab.errors import UserError
-from cifarlab.report import (
+from cifarlab.document import (
     Block,
     Document,
     Image,
@@ -37,7 +36,9 @@ from cifarlab.report import (
     to_markdown,
     write_files,
 )
+from cifarlab.errors import UserError
 from cifarlab.runs import RESULT_FILE, read_run
+from cifarlab.settings_rules import _show
 from cifarlab.studies import stats
 from cifarlab.studies.spec import VARIANT, Study, parse_study
 from cifarlab.studies.sweep import JOURNAL_FILE, STUDY_FILE, open_study
@@ -68,7 +69,7 @@ class Point:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else cfg._show(value)
+    return f"{value:.4g}" if isinstance(value, float) else _show(value)
 
 
 def load(folder: Path, storage: str | None = None) -> tuple[Study, Any]:
@@ -400,7 +401,7 @@ def build_document(folder: Path, study: Study, found: list[Point], states: dict[
 def _study_code(study: Study) -> Block:
     import yaml
 
-    from cifarlab.report import Code
+    from cifarlab.document import Code
 
     return Code(yaml.safe_dump(study.to_dict(), sort_keys=False).rstrip())
 

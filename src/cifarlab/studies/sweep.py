@@ -12,6 +12,7 @@ Started again, a sweep continues the study: finished trials are kept, and a tria
 is tried again under the same name, resuming its run folder from last.pt; a run folder that
 already holds result.json is read, not trained again. The budget (`trials`) counts the runs
 of trials with an outcome (completed, pruned, or failed in training), so none counts twice.
+Every worker (this process, or each of the K of --workers K) runs the same loop, `work`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,28 @@ import os
 import re
 import shutil
 import signal
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from cifarlab import config as cfg
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
+from cifarlab.locks import worker_id
 from cifarlab.runs import METRICS_FILE, RESULT_FILE, read_run
+from cifarlab.settings_rules import _show
 from cifarlab.studies.spec import VARIANT, Range, Study, load_study, parse_study
 from cifarlab.studies.storage import JOURNAL_FILE  # noqa: F401 (summary imports it here)
+from cifarlab.studies.workers import (
+    WAIT,
+    Dropped,
+    RunLock,
+    claim,
+    finished_runs,
+    folder_lock,
+    retry_cut_short,
+    run_workers,
+)
 
 log = logging.getLogger("cifarlab")
 
@@ -57,7 +71,7 @@ def run_name(params: dict[str, Any], seed: int) -> str:
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
-    return cfg._show(value)
+    return _show(value)
 
 
 def open_study(folder: Path, study: Study, *, create: bool, storage: str | None = None) -> Any:
@@ -174,7 +188,6 @@ def sweep(study_file: str | Path, out: str | Path | None = None,
     """Run (or continue) the study in `study_file` with `workers` trials at a time; return
     the study folder. `storage`: a database URL (many machines) instead of the journal;
     `worker`: this process is worker number `worker` of a sweep with several."""
-    from cifarlab.studies import workers as pool
     from cifarlab.studies.storage import require_optuna
 
     require_optuna("cifarlab sweep")
@@ -185,10 +198,10 @@ def sweep(study_file: str | Path, out: str | Path | None = None,
             import torch
 
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        return pool.work(open_study(folder, study, create=True, storage=storage), study,
-                         folder, index=worker)
+        return work(open_study(folder, study, create=True, storage=storage), study, folder,
+                    index=worker)
     check_folder(folder, study, str(study_file))
-    with pool.folder_lock(folder, storage):
+    with folder_lock(folder, storage):
         optuna_study = None
         if storage is not None:  # reach the database before writing anything
             optuna_study = open_study(folder, study, create=True, storage=storage)
@@ -207,53 +220,80 @@ def sweep(study_file: str | Path, out: str | Path | None = None,
         log.info(f"study {folder}: {finished} of {study.budget()} trials finished")
         if finished < study.budget():
             if workers == 1:
-                pool.work(optuna_study, study, folder)
+                work(optuna_study, study, folder)
             else:
-                pool.run_workers(optuna_study, study, folder, workers, study_file,
-                                 data_source, storage)
+                run_workers(optuna_study, study, folder, workers, study_file, data_source,
+                            storage)
     log.info(f"study {folder}: {count_finished(optuna_study)} of {study.budget()} trials "
              f"finished; summary: cifarlab study {folder}")
     return folder
-
-
-def finished_runs(trials: list[Any]) -> set[str]:
-    """Run names of the trials with an outcome: completed, pruned, or failed in training (a
-    NaN loss). A run two trials reached (a retry of a trial its worker lost) counts once."""
-    from optuna.trial import TrialState
-
-    return {t.user_attrs.get("run", f"#{t.number}") for t in trials
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or t.state == TrialState.FAIL and "failed" in t.user_attrs}
 
 
 def count_finished(optuna_study: Any) -> int:
     return len(finished_runs(optuna_study.get_trials(deepcopy=False)))
 
 
-def retry_cut_short(optuna_study: Any, study: Study, *, running: bool = True,
-                    only: Any = None) -> None:
-    """Queue again each trial cut short: RUNNING in the journal when `running` (no worker
-    of this folder is alive now), or FAIL without a training failure of its own (stopped by
-    a signal). `only`: a test of the trials to look at (those of one dead worker)."""
+# ------------------------------------------------------------- the loop every worker runs
+
+def work(optuna_study: Any, study: Any, folder: Path, index: int | None = None) -> Path:
+    """Run trials until the study has `study.budget()` finished runs. A SIGINT/SIGTERM
+    stops it: during a trial's training once its last.pt is saved, at once elsewhere; a
+    signal that came during a trial which then ended another way (it finished, was pruned,
+    or was taken over) stops it before the next."""
     from optuna.trial import TrialState
 
-    storage = optuna_study._storage
-    trials = [t for t in optuna_study.get_trials(deepcopy=False) if only is None or only(t)]
-    for t in trials:
-        if running and t.state == TrialState.RUNNING:
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    trials = optuna_study.get_trials(deepcopy=False)
-    settled = {t.user_attrs.get("run") for t in trials
-               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING,
-                              TrialState.RUNNING)}
-    for t in trials:
-        run = t.user_attrs.get("run")
-        if (t.state == TrialState.FAIL and run is not None and run not in settled
-                and "failed" not in t.user_attrs and "dropped" not in t.user_attrs):
-            params = dict(t.params)
-            optuna_study.enqueue_trial(params, user_attrs={"seed": t.user_attrs["seed"]})
-            settled.add(run)
-            log.info(f"trial {run} was cut short; it runs again, from its last.pt if any")
+    from cifarlab.interrupt import signals_seen
+
+    if index is not None:  # workers started together must not propose the same points
+        optuna_study.sampler = make_sampler(study, len(optuna_study.trials) * 131 + index)
+    objective = Objective(study, folder)
+    budget = study.budget()
+    with signals_seen() as stops:
+        objective.stops = stops
+        while True:
+            if stops:
+                raise stopped(stops[0], folder)
+            fail_stale(optuna_study)
+            trials = optuna_study.get_trials(deepcopy=False)
+            done = finished_runs(trials)
+            if len(done) >= budget:
+                return folder
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            busy = done | {t.user_attrs.get("run", f"#{t.number}") for t in running}
+            if not waiting and len(busy) >= budget:
+                if not running:
+                    return folder
+                time.sleep(WAIT)
+                continue
+            objective.lost = None
+            try:
+                optuna_study.optimize(objective, n_trials=1, catch=(TrainingFailed, Dropped))
+            except TrainingInterrupted as e:  # continued by the sweep, not by train --resume
+                raise stopped(e.exit_code - 128, folder) from None
+            except ValueError:  # Optuna cannot tell a trial that another worker failed
+                if stops:
+                    raise stopped(stops[0], folder) from None
+                if objective.lost is None:
+                    raise
+                log.warning(f"trial {objective.lost} was taken over by another worker (no "
+                            "heartbeat from this one for the grace period); going on")
+
+
+def stopped(signum: int, folder: Path) -> TrainingInterrupted:
+    return TrainingInterrupted(f"stopped by {signal.Signals(signum).name}; the trials' runs "
+                               f"are saved in {folder}; run the same command to continue the "
+                               "study", signum)
+
+
+def fail_stale(optuna_study: Any) -> None:
+    """A database study: fail the trials whose worker sent no heartbeat for the grace
+    period; the storage's callback queues each once more (storage.open_database)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(optuna_study)
 
 
 class Objective:
@@ -263,7 +303,7 @@ class Objective:
         self.study = study
         self.folder = folder
         self.lost: int | None = None  # a trial another worker took over while this one ran
-        self.stops: list[int] = []  # the signals seen by its trainings (workers.work)
+        self.stops: list[int] = []  # the signals seen by its trainings (work)
 
     def suggest(self, trial: Any) -> tuple[dict[str, Any], int, bool]:
         """The trial's point and seed, and whether the point is new (its other seeds are
@@ -286,8 +326,6 @@ class Objective:
         return params, 0, True  # a new point: seed 0 here, the others trials of their own
 
     def __call__(self, trial: Any) -> float:
-        from cifarlab.studies.workers import Dropped, RunLock, claim, worker_id
-
         params, seed, new_point = self.suggest(trial)
         name = run_name(params, seed)
         trial.set_user_attr("seed", seed)
@@ -307,7 +345,7 @@ class Objective:
             if value is None or trial.study._storage.get_trial(trial._trial_id).state.is_finished():
                 # Another worker failed it (no heartbeat for the grace period) and retries it;
                 # or the sweep started again (this worker's was killed) failed it while a
-                # signal stopped this worker: its last.pt is saved, it stops (workers.work).
+                # signal stopped this worker: its last.pt is saved, it stops (work).
                 if self.stops:
                     raise TrainingInterrupted(f"trial {trial.number}: {name} stopped by "
                                               f"{signal.Signals(self.stops[0]).name}",

@@ -2,10 +2,10 @@
 
 `cifarlab sweep --workers K` starts K worker processes on this machine (each re-runs the
 sweep with a hidden --worker flag), each with one GPU where there are K or more, otherwise
-its share of the CPU's threads. Every worker runs the same loop (`work`): take a queued
-trial, or start a new one, until the study has its budget of finished runs; while the last
-trials run elsewhere it waits, so that it can take over one whose worker dies. With
---storage the same command on many machines joins the same study.
+its share of the CPU's threads. Every worker runs the same loop (`sweep.work`): take a
+queued trial, or start a new one, until the study has its budget of finished runs; while
+the last trials run elsewhere it waits, so that it can take over one whose worker dies.
+With --storage the same command on many machines joins the same study.
 
 Three rules keep the count exact with workers that start and finish at once:
 - `claim`: a trial gives its place up (FAIL, user attribute `dropped`) when a running trial
@@ -14,12 +14,13 @@ Three rules keep the count exact with workers that start and finish at once:
 - `RunLock`: one process trains a run folder at a time. A retried trial (its worker lost its
   heartbeat) waits until the lost worker has left the run: the lock's holder is known dead
   (same host, no such process) or has not touched the lock for the grace period;
-- the budget counts run names, so a run reached by two trials counts once.
+- the budget counts run names (`finished_runs`), so a run reached by two trials counts once.
 
 With the journal (no --storage) one sweep command at a time drives a study folder; the
 workers are its children. A worker that crashes is reported, its trial queued again for
-the others, and the command exits 1 at the end; Ctrl-C or SIGTERM is passed on to every
-worker, which saves its run's last.pt and stops, starting no other trial (`work`).
+the others (`retry_cut_short`), and the command exits 1 at the end; Ctrl-C or SIGTERM is
+passed on to every worker, which saves its run's last.pt and stops, starting no other trial
+(`sweep.work`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 from cifarlab.errors import TrainingFailed, TrainingInterrupted
 from cifarlab.interrupt import STOP_SIGNALS
 from cifarlab.locks import hold, worker_id
+from cifarlab.studies.spec import Study
 
 log = logging.getLogger("cifarlab")
 
@@ -52,68 +53,16 @@ class Dropped(Exception):
     """A trial that gave its place up to another one (the same run, or the budget is taken)."""
 
 
-# ------------------------------------------------------------------------ one worker's loop
+# --------------------------------------------------------- a trial's place in the budget
 
-def work(optuna_study: Any, study: Any, folder: Path, index: int | None = None) -> Path:
-    """Run trials until the study has `study.budget()` finished runs. A SIGINT/SIGTERM
-    stops it: during a trial's training once its last.pt is saved, at once elsewhere; a
-    signal that came during a trial which then ended another way (it finished, was pruned,
-    or was taken over) stops it before the next."""
+def finished_runs(trials: list[Any]) -> set[str]:
+    """Run names of the trials with an outcome: completed, pruned, or failed in training (a
+    NaN loss). A run two trials reached (a retry of a trial its worker lost) counts once."""
     from optuna.trial import TrialState
 
-    from cifarlab.interrupt import signals_seen
-    from cifarlab.studies.sweep import Objective, finished_runs, make_sampler
-
-    if index is not None:  # workers started together must not propose the same points
-        optuna_study.sampler = make_sampler(study, len(optuna_study.trials) * 131 + index)
-    objective = Objective(study, folder)
-    budget = study.budget()
-    with signals_seen() as stops:
-        objective.stops = stops
-        while True:
-            if stops:
-                raise stopped(stops[0], folder)
-            fail_stale(optuna_study)
-            trials = optuna_study.get_trials(deepcopy=False)
-            done = finished_runs(trials)
-            if len(done) >= budget:
-                return folder
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            running = [t for t in trials if t.state == TrialState.RUNNING]
-            busy = done | {t.user_attrs.get("run", f"#{t.number}") for t in running}
-            if not waiting and len(busy) >= budget:
-                if not running:
-                    return folder
-                time.sleep(WAIT)
-                continue
-            objective.lost = None
-            try:
-                optuna_study.optimize(objective, n_trials=1, catch=(TrainingFailed, Dropped))
-            except TrainingInterrupted as e:  # continued by the sweep, not by train --resume
-                raise stopped(e.exit_code - 128, folder) from None
-            except ValueError:  # Optuna cannot tell a trial that another worker failed
-                if stops:
-                    raise stopped(stops[0], folder) from None
-                if objective.lost is None:
-                    raise
-                log.warning(f"trial {objective.lost} was taken over by another worker (no "
-                            "heartbeat from this one for the grace period); going on")
-
-
-def stopped(signum: int, folder: Path) -> TrainingInterrupted:
-    return TrainingInterrupted(f"stopped by {signal.Signals(signum).name}; the trials' runs "
-                               f"are saved in {folder}; run the same command to continue the "
-                               "study", signum)
-
-
-def fail_stale(optuna_study: Any) -> None:
-    """A database study: fail the trials whose worker sent no heartbeat for the grace
-    period; the storage's callback queues each once more (storage.open_database)."""
-    import optuna
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(optuna_study)
+    return {t.user_attrs.get("run", f"#{t.number}") for t in trials
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or t.state == TrialState.FAIL and "failed" in t.user_attrs}
 
 
 def claim(trial: Any, name: str, budget: int) -> None:
@@ -121,8 +70,6 @@ def claim(trial: Any, name: str, budget: int) -> None:
     before it looks and waits until the running trials numbered before it have recorded
     theirs; of two with one name, the lower number (or the one already past this) keeps it."""
     from optuna.trial import TrialState
-
-    from cifarlab.studies.sweep import finished_runs
 
     deadline = time.monotonic() + CLAIM_WAIT
     while True:
@@ -149,6 +96,32 @@ def claim(trial: Any, name: str, budget: int) -> None:
         log.info(f"trial {trial.number}: given up ({why})")
         raise Dropped(why)
     trial.set_user_attr("claimed", True)
+
+
+def retry_cut_short(optuna_study: Any, study: Study, *, running: bool = True,
+                    only: Any = None) -> None:
+    """Queue again each trial cut short: RUNNING in the journal when `running` (no worker
+    of this folder is alive now), or FAIL without a training failure of its own (stopped by
+    a signal). `only`: a test of the trials to look at (those of one dead worker)."""
+    from optuna.trial import TrialState
+
+    storage = optuna_study._storage
+    trials = [t for t in optuna_study.get_trials(deepcopy=False) if only is None or only(t)]
+    for t in trials:
+        if running and t.state == TrialState.RUNNING:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    trials = optuna_study.get_trials(deepcopy=False)
+    settled = {t.user_attrs.get("run") for t in trials
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING,
+                              TrialState.RUNNING)}
+    for t in trials:
+        run = t.user_attrs.get("run")
+        if (t.state == TrialState.FAIL and run is not None and run not in settled
+                and "failed" not in t.user_attrs and "dropped" not in t.user_attrs):
+            params = dict(t.params)
+            optuna_study.enqueue_trial(params, user_attrs={"seed": t.user_attrs["seed"]})
+            settled.add(run)
+            log.info(f"trial {run} was cut short; it runs again, from its last.pt if any")
 
 
 # ------------------------------------------------------------------------------ run lock
@@ -288,8 +261,6 @@ def run_workers(optuna_study: Any, study: Any, folder: Path, workers: int, study
                 data_source: str | None, storage: str | None) -> None:
     """Start `workers` worker processes and wait for them; pass a signal on to each."""
     import subprocess
-
-    from cifarlab.studies.sweep import retry_cut_short
 
     procs: list[subprocess.Popen[bytes]] = []
     stopped: list[int] = []
