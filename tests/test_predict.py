@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +135,53 @@ def test_bad_image_files_are_one_line_exit_2(best, tmp_path, capsys, make, messa
     assert main(["predict", str(best), str(make(tmp_path))]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def fifo(folder):
+    os.mkfifo(folder / "pipe.png")  # reading it would wait for a writer forever
+    return folder / "pipe.png"
+
+
+@pytest.mark.parametrize("make", [fifo, lambda d: (d / "dir.png").mkdir() or d / "dir.png",
+                                  lambda d: Path("/dev/zero")])
+def test_what_is_not_a_regular_file_is_refused_before_it_is_read(best, tmp_path, capsys, make):
+    assert main(["predict", str(best), str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "not a regular file" in err and err.count("\n") == 1
+
+
+def test_a_fifo_in_an_image_folder_is_refused(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.png").write_bytes(png_bytes(np.zeros((32, 32, 3), np.uint8)))
+    fifo(tmp_path / "cat")
+    with pytest.raises(UserError, match="pipe.png: not a regular file"):
+        load_source(str(tmp_path))
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(best, tmp_path, capsys,
+                                                                  monkeypatch):
+    image = tmp_path / "wide.png"
+    image.write_bytes(png_bytes(np.zeros((10, 200, 3), np.uint8)))
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1999)
+    assert main(["predict", str(best), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "200x10 (2,000 pixels), over the 1,999 pixels" in err and err.count("\n") == 1
+    assert decoded == []  # refused before the pixels were decoded
+
+
+def test_a_long_strip_is_never_scaled_whole(monkeypatch):
+    # Shorter side to 32 would make this 100,000 x 4 strip 800,000 x 32 before the crop.
+    sizes = []
+    real_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: (
+        sizes.append(size), real_resize(self, size, *a, **k))[1])
+    strip = np.zeros((4, 100_000, 3), np.uint8)
+    strip[:, 50_000 - 1 : 50_000 + 1] = 255  # a white line at the centre
+    out = to_model_input("strip.png", png_bytes(strip))
+    assert sizes == [(32, 32)] and out.shape == (32, 32, 3)
+    assert out[:, 14:18].min() > 200 and out[:, :4].max() == 0  # the centre, not the edge
 
 
 def test_bad_topk_and_checkpoint(best, tmp_path):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cifarlab.data.sources.images import SIZE, decode_image
+from cifarlab.data.sources.images import SIZE, decode_image, read_regular_file
 from cifarlab.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported only for checkpoints: an .onnx file needs onnxruntime
@@ -41,12 +41,21 @@ def to_model_input(name: str, data: bytes) -> np.ndarray:
     rgb = decode_image(name, data)
     width, height = rgb.size
     if (width, height) != (SIZE, SIZE):
+        # The shorter side scaled to 32 and the centre cropped, in one resize of the centre
+        # box: scaling the whole image first would allocate the scaled long side, which for a
+        # 10-megapixel-wide strip is gigabytes. PIL widens the filter when shrinking.
         scale = SIZE / min(width, height)
         size = (max(SIZE, round(width * scale)), max(SIZE, round(height * scale)))
-        rgb = rgb.resize(size, Image.BICUBIC)  # PIL widens the filter when shrinking
         left, top = (size[0] - SIZE) // 2, (size[1] - SIZE) // 2
-        rgb = rgb.crop((left, top, left + SIZE, top + SIZE))
+        sx, sy = size[0] / width, size[1] / height  # the scales of the rounded size
+        box = (left / sx, top / sy, (left + SIZE) / sx, (top + SIZE) / sy)
+        rgb = rgb.resize((SIZE, SIZE), Image.BICUBIC, box=box)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def model_inputs(paths: Sequence[str | Path]) -> np.ndarray:
+    """Image files -> uint8 (n, 32, 32, 3), each as `to_model_input` makes it."""
+    return np.stack([to_model_input(str(p), read_regular_file(p, "image file")) for p in paths])
 
 
 def predict_files(
@@ -65,7 +74,7 @@ def predict_files(
         from cifarlab.deploy.runtime import OnnxClassifier, predict_onnx
 
         model = OnnxClassifier(checkpoint_path)
-        pixels = np.stack([to_model_input(str(path), _read(Path(path))) for path in images])
+        pixels = model_inputs(images)
         return [ImagePrediction(str(image), predictions) for image, predictions
                 in zip(images, predict_onnx(model, pixels, topk), strict=True)]
     import torch
@@ -78,7 +87,7 @@ def predict_files(
     device = device or torch.device("cpu")
     model = checkpoint.build_model(ckpt, checkpoint_path).to(device)
     classes = list(ckpt["classes"])
-    pixels = np.stack([to_model_input(str(path), _read(Path(path))) for path in images])
+    pixels = model_inputs(images)
     k = min(topk, len(classes))
     results = []
     with torch.no_grad():
@@ -95,12 +104,3 @@ def predict_files(
                     [(classes[i], p) for i, p in zip(i_row, p_row, strict=True)],
                 ))
     return results
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image file; check the path") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the file") from None

@@ -21,7 +21,14 @@ from cifarlab.data.sources.cifar import (
     _read_batches,
     _read_cifar100,
 )
-from cifarlab.data.sources.images import _ACCEPTED, ImageSet, SourceData, _decode_all, _reason
+from cifarlab.data.sources.images import (
+    _ACCEPTED,
+    ImageSet,
+    SourceData,
+    _decode_all,
+    _reason,
+    read_regular_file,
+)
 from cifarlab.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -51,23 +58,16 @@ def _walk(top: Path) -> Iterator[tuple[str, os.stat_result]]:
                         "file's permissions or remove it") from None
 
 
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e}); check the file") from None
-
-
 def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _load_dir(path: Path, resize: bool, coarse: bool = False) -> SourceData:
     if (path / "batches.meta").is_file() or (path / "data_batch_1").is_file():
-        return _read_batches({n: _read_file(path / n) for n in BATCH_FILES if (path / n).is_file()},
-                             str(path))
+        files = {n: read_regular_file(path / n) for n in BATCH_FILES if (path / n).is_file()}
+        return _read_batches(files, str(path))
     if path.name == CIFAR100_FOLDER or (path / "meta").is_file() or (path / "train").is_file():
-        files = {n: _read_file(path / n) for n in CIFAR100_FILES if (path / n).is_file()}
+        files = {n: read_regular_file(path / n) for n in CIFAR100_FILES if (path / n).is_file()}
         return _read_cifar100(files, str(path), coarse)
     tree = _Node()
     files = []
@@ -79,7 +79,7 @@ def _load_dir(path: Path, resize: bool, coarse: bool = False) -> SourceData:
             tree.add(parts, len(files))
             files.append(path / rel)
     splits = _layout(tree, str(path))  # check the layout before the slow part
-    items = ((str(p), _read_file(p)) for p in files)
+    items = ((str(p), read_regular_file(p)) for p in files)
     return _assemble(splits, _decode_all(items, resize))
 
 

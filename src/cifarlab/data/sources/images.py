@@ -10,6 +10,7 @@ import functools
 import io
 import multiprocessing
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -24,6 +25,9 @@ if TYPE_CHECKING:  # PIL itself is imported where images are decoded
     from PIL.Image import Image as PILImage
 
 SIZE = 32
+# Memory per pixel while an image is decoded and converted: RGBA, its RGB copy, and the
+# float64 grey of 16-bit images; refusing larger images beats a MemoryError halfway.
+BYTES_PER_PIXEL = 24
 # Formats PIL may use: decided by content, but never plugins that shell out (EPS -> Ghostscript).
 _PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 _CHUNK = 512  # images per decode task: big enough to amortise inter-process traffic
@@ -68,8 +72,11 @@ def decode_image(name: str, data: bytes) -> PILImage:
     try:
         # No `with`: the bytes are in memory, and closing the file would free the pixels.
         im = Image.open(io.BytesIO(data), formats=_formats())
+        check_pixels(name, *im.size)  # from the header, before the pixels are decoded
         im.load()
         return _to_rgb(im)
+    except UserError:
+        raise
     except Exception as e:  # PIL fails on damaged files with many exception types
         if not data:
             reason = "empty file"
@@ -79,6 +86,51 @@ def decode_image(name: str, data: bytes) -> PILImage:
             reason = _reason(e)
         raise UserError(f"{name}: cannot decode image ({reason}); replace or delete "
                         "the file") from None
+
+
+def max_pixels() -> int:
+    """The largest image decoded: Pillow's decompression-bomb threshold, or what this
+    machine's free memory holds at BYTES_PER_PIXEL, whichever is smaller."""
+    from PIL import Image
+
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not a POSIX system: Pillow's threshold alone
+        free = sys.maxsize
+    bomb = Image.MAX_IMAGE_PIXELS or sys.maxsize  # None: the user switched Pillow's off
+    return min(bomb, free // BYTES_PER_PIXEL)
+
+
+def check_pixels(name: str, width: int, height: int) -> None:
+    limit = max_pixels()
+    if width * height > limit:
+        raise UserError(f"{name}: image is {width}x{height} ({width * height:,} pixels), over "
+                        f"the {limit:,} pixels this tool decodes on this machine; shrink it "
+                        "first (the model sees 32x32)")
+
+
+def read_regular_file(path: str | os.PathLike[str], kind: str = "file") -> bytes:
+    """The bytes of a regular file; UserError for anything else (a FIFO would block the read
+    forever, a device never end) or a file that cannot be read, naming `kind` and `path`."""
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; fstat then tells what it is.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {kind}; check the path") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the file") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{path}: not a regular file (a folder, a FIFO or a device); give "
+                            f"a {kind}")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the file") from None
+    finally:
+        os.close(fd)
 
 
 def _decode_chunk(items: list[tuple[str, bytes]], resize: bool) -> np.ndarray:
