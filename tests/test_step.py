@@ -66,7 +66,7 @@ def step_parts(fused: bool):
     # The GradScaler as an fp16 run on CUDA uses it: enabled, with the fused optimizer.
     scaler = torch.amp.GradScaler("cpu", enabled=fused)
     return TrainStep(model, nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
-                            scaler, scheduler, amp_dtype=None)
+                     scaler, scheduler, amp_dtype=None, clip_grad_norm=1.0)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused+scaler", "plain"])
@@ -90,6 +90,26 @@ def test_batches_steps_and_flags_never_synchronise(fused):
             flags.record(step, loss, stop_requested=False)
     assert mode.seen == []
     assert [f.step for f in flags.ready()] == [1]  # steps 2 and 3 are not read yet
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["float32", "loss-scaled"])
+def test_gradients_are_clipped_to_the_norm_before_the_step(scaled):
+    def one_step(clip):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=scaled)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        step = TrainStep(model, nn.CrossEntropyLoss(), optimizer, scaler, scheduler, None,
+                         clip_grad_norm=clip)
+        step(torch.randn(8, 3, 2, 2) * 10, torch.arange(8) % 5)
+        return (before - torch.cat([p.detach().flatten() for p in model.parameters()])).norm()
+
+    free = one_step(0.0)
+    assert free > 0.5  # the true gradient's norm, fp16's loss scale divided out
+    assert one_step(0.1).item() == pytest.approx(0.1, rel=1e-4)
+    assert one_step(1e3).item() == pytest.approx(free.item(), rel=1e-5)  # under the norm
 
 
 def test_mixup_cutmix_and_ema_steps_never_synchronise():

@@ -102,6 +102,8 @@ class OptimConfig:
     head_lr_scale: float = 1.0
     # Models with a whitening layer (airbench): epochs its bias trains; then it is frozen.
     whiten_bias_epochs: float = 3.0
+    # Largest L2 norm of all gradients together, clipped to it before each step (0: off).
+    clip_grad_norm: float = 0.0
 
 
 @dataclass

@@ -224,6 +224,7 @@ RULES: dict[str, Rule] = {
     "optim.gamma": number(0, 1, lo_open=True, what="a factor"),
     "optim.bias_lr_scale": number(0, 10_000, lo_open=True, what="a learning-rate factor"),
     "optim.head_lr_scale": number(0, 10_000, lo_open=True, what="a learning-rate factor"),
+    "optim.clip_grad_norm": number(0, 1e6, what="a gradient norm (0: no clipping)"),
     "optim.whiten_bias_epochs": number(0, MAX_COUNT, what="a number of epochs"),
     "mix.mixup_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
     "mix.cutmix_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),

@@ -45,6 +45,7 @@ class TrainStep:
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
     ema: ModelEma | None = None  # updated after every optimizer step
     teacher: nn.Module | None = None  # never steps; not wrapped in DDP, not compiled
+    clip_grad_norm: float = 0.0  # the gradients' largest L2 norm, all together; 0: off
 
     def __post_init__(self) -> None:
         self.cpu_layout = memory_format("cpu", self.model)
@@ -64,6 +65,13 @@ class TrainStep:
                 loss = self.criterion(logits, teacher_logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.clip_grad_norm:
+            # The norm of the true gradients: fp16's scaled ones are divided back first (the
+            # scaler then knows not to do it again). The norm stays on the device: no wait.
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]],
+                self.clip_grad_norm, foreach=True)
         # With a fused optimizer (CUDA) the scaler skips an overflowing step on the device.
         self.scaler.step(self.optimizer)
         self.scaler.update()

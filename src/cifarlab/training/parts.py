@@ -105,7 +105,8 @@ def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.
     ema = ModelEma(model, config.ema.decay) if config.ema.enabled else None
     step = TrainStep(compiled(train_model, config.compile, device), train_loss, optimizer,
                      scaler, scheduler, amp_dtype, ema,
-                     teacher.model if teacher is not None else None)
+                     teacher.model if teacher is not None else None,
+                     config.optim.clip_grad_norm)
     return Parts(model, train_model, step,
                  nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
                  mixer or no_mixing, ema, lr_at, loader, sampler, layout, teacher)
