@@ -90,28 +90,105 @@ class OnnxClassifier:
             self.session = ort.InferenceSession(model, session_options(threads),
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"{self.name}: not a readable ONNX model ({first}); give a file "
-                            "written by cifarlab export or cifarlab quantize") from None
+            raise UserError(f"{self.name}: not a readable ONNX model ({_first_line(e)}); give a "
+                            "file written by cifarlab export or cifarlab quantize") from None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        if "classes" not in self.metadata:
-            raise UserError(f"{self.name}: no class names in its metadata; give a file written "
-                            "by cifarlab export or cifarlab quantize")
-        self.classes: list[str] = json.loads(self.metadata["classes"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.values = check_metadata(self.name, self.metadata)
+        self.classes: list[str] = self.values["classes"]
+        self.input_name = check_graph(self.name, self.session, len(self.classes))
 
     def meta(self, key: str, default: Any = None) -> Any:
-        """A metadata value, JSON-decoded."""
-        return json.loads(self.metadata[key]) if key in self.metadata else default
+        """A metadata value, JSON-decoded and of its type (check_metadata)."""
+        return self.values.get(key, default)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a float32 NCHW batch in [0, 1]."""
-        return self.session.run(None, {self.input_name: x})[0]
+        """Logits for a float32 NCHW batch in [0, 1]; UserError when the graph fails or gives
+        something other than one finite score per class and image."""
+        try:
+            out = self.session.run(None, {self.input_name: x})[0]
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise UserError(f"{self.name}: onnxruntime could not run it ({_first_line(e)}); "
+                            "give a file written by cifarlab export or cifarlab quantize"
+                            ) from None
+        if not isinstance(out, np.ndarray) or out.shape != (len(x), len(self.classes)):
+            shape = getattr(out, "shape", type(out).__name__)
+            raise UserError(f"{self.name}: gave outputs of shape {shape} for {len(x)} images "
+                            f"and {len(self.classes)} classes; give a classifier written by "
+                            "cifarlab export")
+        if not np.isfinite(out).all():
+            raise UserError(f"{self.name}: gave NaN or infinite scores; the file is damaged or "
+                            "not a trained classifier")
+        return out
 
     def logits(self, images: np.ndarray, batch: int = BATCH) -> np.ndarray:
         """Logits for uint8 (N, 32, 32, 3) RGB images, `batch` images per call."""
         out = [self.run(to_input(images[i : i + batch])) for i in range(0, len(images), batch)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+
+# The metadata cifarlab reads from a file, each key's JSON type; others are left alone.
+METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "classes": (list,), "mean": (list,), "std": (list,), "architecture": (dict,),
+    "split": (dict,), "quantization": (dict,), "tta_flip": (bool,), "tta_translate": (bool,),
+    "source_val_acc": (int, float, type(None)),
+}
+
+
+def check_metadata(name: str, metadata: dict[str, str]) -> dict[str, Any]:
+    """The metadata's values, JSON-decoded, all checked before any is used: each of
+    METADATA_TYPES of its type, the class names a list of at least 2 texts, mean and std
+    3 finite numbers each. UserError naming the file and the key otherwise."""
+    def refuse(key: str, what: str) -> UserError:
+        return UserError(f"{name}: its metadata '{key}' is {what}; give a file written by "
+                         "cifarlab export or cifarlab quantize")
+
+    if "classes" not in metadata:
+        raise UserError(f"{name}: no class names in its metadata; give a file written "
+                        "by cifarlab export or cifarlab quantize")
+    values: dict[str, Any] = {}
+    for key, types in METADATA_TYPES.items():
+        if key not in metadata:
+            continue
+        try:
+            value = json.loads(metadata[key])
+        except (ValueError, RecursionError):
+            raise refuse(key, "not JSON") from None
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise refuse(key, f"a {type(value).__name__}, not a {types[0].__name__}")
+        values[key] = value
+    classes = values["classes"]
+    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        raise refuse("classes", "not a list of at least 2 class names")
+    for key in ("mean", "std"):
+        if key in values and (len(values[key]) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                for v in values[key])):
+            raise refuse(key, "not 3 finite numbers (one per channel)")
+    return values
+
+
+def check_graph(name: str, session: Any, classes: int) -> str:
+    """The name of the graph's one input, checked to be float32 (N, 3, 32, 32) NCHW, and
+    its first output float32 (N, classes); UserError naming what differs."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    fix = "give a classifier written by cifarlab export or cifarlab quantize"
+    if len(inputs) != 1:
+        raise UserError(f"{name}: the graph has {len(inputs)} inputs, not 1 image batch; {fix}")
+    graph_in, graph_out = inputs[0], outputs[0]
+    if graph_in.type != "tensor(float)" or len(graph_in.shape) != 4 or list(
+            graph_in.shape[1:]) != [3, 32, 32]:
+        raise UserError(f"{name}: the graph's input is {graph_in.type} {graph_in.shape}, not "
+                        f"float (N, 3, 32, 32); {fix}")
+    dims = graph_out.shape
+    if graph_out.type != "tensor(float)" or len(dims) != 2 or (
+            isinstance(dims[1], int) and dims[1] != classes):
+        raise UserError(f"{name}: the graph's output is {graph_out.type} {dims}, not float "
+                        f"(N, {classes}) for its {classes} class names; {fix}")
+    return graph_in.name
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def to_input(images: np.ndarray) -> np.ndarray:

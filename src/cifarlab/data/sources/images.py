@@ -122,7 +122,7 @@ def read_regular_file(path: str | os.PathLike[str], kind: str = "file") -> bytes
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UserError(f"{path}: not a regular file (a folder, a FIFO or a device); give "
-                            f"a {kind}")
+                            f"the {kind} itself")
         chunks = []
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
