@@ -264,6 +264,16 @@ def test_preset_is_chosen_with_the_flag_only(place, capsys):
     assert printed["preset"] == "baseline" and printed["optim"]["schedule"] == "constant"
 
 
+def test_config_file_with_aliases_is_refused_before_they_grow(place, capsys):
+    laughs = place / "laughs.yaml"
+    rows = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
+        for p, n in zip("abcdefgh", "bcdefghi")]  # 10**9 values once expanded
+    laughs.write_text("\n".join(rows) + "\n")
+    err = refused([*TINY, "--out", str(place / "runs"), "--config", str(laughs)], place, capsys)
+    assert "line 2 repeats '&a' with the alias '*a'" in err and str(laughs) in err
+
+
 def test_config_file_with_a_duplicated_key_is_refused(place, capsys):
     dup = place / "dup.yaml"
     dup.write_text("epochs: 1\noptim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.5\n")

@@ -320,13 +320,22 @@ def _nearest_preset(name: str) -> str:
     return close[0] if close else "seed"
 
 
-class _DuplicateKey(yaml.YAMLError):
+class _RefusedYaml(yaml.YAMLError):
     pass
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a mapping holding one key twice (plain YAML keeps the
-    last one without a word)."""
+    last one without a word), and aliases: settings never need them, and nested aliases
+    (a "billion laughs" file) grow a few lines into more values than memory holds."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _RefusedYaml(f"line {event.start_mark.line + 1} repeats '&{event.anchor}' "
+                                f"with the alias '*{event.anchor}'; write the values out "
+                                "(settings files take no aliases)")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
@@ -339,7 +348,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key; SafeLoader says what is wrong with it
                 continue
             if first is not None:
-                raise _DuplicateKey(f"key '{key}' appears twice (lines {first} and {line}); "
+                raise _RefusedYaml(f"key '{key}' appears twice (lines {first} and {line}); "
                                     "keep one of them")
         return super().construct_mapping(node, deep=deep)
 
@@ -369,7 +378,7 @@ def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
         raise UserError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{where}: is a folder; give a YAML file of settings") from None
-    except _DuplicateKey as e:
+    except _RefusedYaml as e:
         raise UserError(f"{where}: {e}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0]
