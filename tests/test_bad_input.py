@@ -268,7 +268,7 @@ def test_config_file_with_aliases_is_refused_before_they_grow(place, capsys):
     laughs = place / "laughs.yaml"
     rows = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
         f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
-        for p, n in zip("abcdefgh", "bcdefghi")]  # 10**9 values once expanded
+        for p, n in zip("abcdefgh", "bcdefghi", strict=True)]  # 10**9 values once expanded
     laughs.write_text("\n".join(rows) + "\n")
     err = refused([*TINY, "--out", str(place / "runs"), "--config", str(laughs)], place, capsys)
     assert "line 2 repeats '&a' with the alias '*a'" in err and str(laughs) in err

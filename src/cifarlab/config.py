@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses, YAML load/save and `key=value` overrides.
 
 Every setting has one home here; presets (presets.py) only change defaults, and what each
-setting accepts is in settings_rules.py. The library takes a `Config`; only cli.py turns
+setting accepts is in settings_rules.py. The library takes a `Config`; only the cli package turns
 command-line flags into one.
 """
 

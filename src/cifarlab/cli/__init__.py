@@ -1,0 +1,93 @@
+"""The command line: the only package that parses arguments. This module is its entry point
+(`cifarlab` and `python -m cifarlab` run `main`): the parser, the table of commands, and how
+an error ends a command (its message and exit code).
+
+Each group of commands has a module with its parsers and bodies: train; inspect (evaluate,
+summary, models, plot, compare, report, predict); deploy (export, quantize, bench); compress
+(prune); studies (sweep, study, ablate). What they share is in common.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import NoReturn
+
+from cifarlab.cli import compress, deploy, inspect, studies, train
+from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cifarlab: error: {message}; see {self.prog} --help\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="cifarlab", description="Train and inspect CIFAR-10-style image classifiers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=Parser)
+
+    train.add_commands(commands)
+    inspect.add_commands(commands)
+    deploy.add_commands(commands)
+    compress.add_commands(commands)
+    studies.add_commands(commands)
+    return parser
+
+
+COMMANDS = {"train": train.cmd_train, "evaluate": inspect.cmd_evaluate,
+            "summary": inspect.cmd_summary, "models": inspect.cmd_models,
+            "plot": inspect.cmd_plot, "compare": inspect.cmd_compare,
+            "report": inspect.cmd_report, "predict": inspect.cmd_predict,
+            "export": deploy.cmd_export, "quantize": deploy.cmd_quantize,
+            "bench": deploy.cmd_bench, "prune": compress.cmd_prune,
+            "sweep": studies.cmd_sweep, "study": studies.cmd_study, "ablate": studies.cmd_ablate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    # Under torchrun only rank 0 tells the story; the others speak up for warnings.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
+    try:
+        args.argv = argv  # the command line as given, for re-running it under torchrun
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"cifarlab: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingFailed as e:
+        print(f"cifarlab: training failed: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"cifarlab: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cifarlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of our output went away (`cifarlab ... | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except RuntimeError as e:
+        if os.environ.get("RANK") is None or not is_collective_failure(e):
+            raise
+        first_line = str(e).strip().splitlines()[0][:200]
+        print(f"cifarlab: rank {os.environ['RANK']}: another process of this job failed "
+              f"({first_line}); its own log says why; the last checkpoint is kept and "
+              "torchrun --max-restarts resumes from it", file=sys.stderr)
+        return 1
+
+
+def is_collective_failure(error: RuntimeError) -> bool:
+    """A broken connection to a peer, as gloo and NCCL report it."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or "gloo" in text or "nccl" in text
+

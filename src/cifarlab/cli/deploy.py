@@ -1,0 +1,125 @@
+"""The commands that turn a checkpoint into files for devices and measure them: export,
+quantize and bench.
+
+    cifarlab export    CHECKPOINT|RUN_DIR [-o FILE] [--format onnx|pt2|safetensors] [--data SPEC]
+    cifarlab quantize  CHECKPOINT|RUN_DIR --data SPEC [-o FILE] [--calibration METHOD] [...]
+    cifarlab bench     MODEL [MODEL ...] [--data SPEC] [--threads N] [--json] [-o FIGURE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from cifarlab.cli.common import check_range
+from cifarlab.errors import UserError
+
+
+def add_commands(commands: Any) -> None:
+    export = commands.add_parser(
+        "export", help="a checkpoint as one checked file: ONNX, pt2 or safetensors",
+        description="Input: RGB float in [0, 1], NCHW, any batch (normalisation in the graph); "
+                    "output: logits. The file is checked against PyTorch before it is written.")
+    export.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
+    export.add_argument("-o", "--output", metavar="FILE",
+                        help="default: beside the checkpoint, e.g. runs/x/best.onnx")
+    export.add_argument("--format", default="onnx", choices=["onnx", "pt2", "safetensors"])
+    export.add_argument("--exporter", choices=["dynamo", "torchscript"],
+                        help="ONNX exporter (default: dynamo, torchscript when dynamo's file "
+                             "fails the check)")
+    export.add_argument("--data", metavar="SPEC", help="real images for the parity check "
+                        "(default: a seeded random batch)")
+    export.add_argument("--data-root", default="data")
+
+    quantize = commands.add_parser(
+        "quantize", help="int8 ONNX model (onnxruntime static quantization), accuracy-checked",
+        description="Calibrates on training images of the checkpoint's own split, tries the "
+                    "int8 formats that suit this CPU and writes the fastest within --max-drop "
+                    "points of float32's validation accuracy.")
+    quantize.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
+    quantize.add_argument("--data", required=True, metavar="SPEC",
+                          help="the data the checkpoint was trained on (its split is redrawn)")
+    quantize.add_argument("-o", "--output", metavar="FILE",
+                          help="default: beside the checkpoint, e.g. runs/x/best.int8.onnx")
+    quantize.add_argument("--calibration", default="auto",
+                          choices=["auto", "minmax", "percentile", "entropy"],
+                          help="auto (default): minmax, and percentile then entropy only when "
+                               "no int8 format is within --max-drop with it")
+    quantize.add_argument("--images", type=int, default=512,
+                          help="calibration images from the training split (default 512)")
+    quantize.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                          help="largest validation accuracy loss accepted (default 1.0)")
+    quantize.add_argument("--test-data", metavar="SPEC", help="also report test accuracy "
+                          "(never used for choices)")
+    quantize.add_argument("--int8-format", default="auto",
+                          choices=["auto", "qdq-u8s8", "qdq-s8s8", "qoperator-u8s8"],
+                          help="auto: the fastest that passes, measured here; a named one: only "
+                               "that one")
+    quantize.add_argument("--threads", type=int, help="threads for timing (default: all)")
+    quantize.add_argument("--data-root", default="data")
+
+    bench = commands.add_parser(
+        "bench", help="CPU latency, throughput and accuracy of checkpoints and .onnx files",
+        description="Batch-1 latency (median, p90) and batch-64 throughput, every runtime "
+                    "pinned to the same thread count.")
+    bench.add_argument("models", nargs="+", metavar="MODEL",
+                       help="checkpoints, run folders (torch eager) and .onnx files")
+    bench.add_argument("--data", metavar="SPEC", help="score accuracy: the source's test "
+                       "split, or the models' own validation split when it has none")
+    bench.add_argument("--data-root", default="data")
+    bench.add_argument("--threads", type=int, help="threads for every runtime (default: all)")
+    bench.add_argument("--json", action="store_true", help="print JSON")
+    bench.add_argument("-o", "--output", metavar="FIGURE",
+                       help="also draw accuracy against latency (PNG, SVG or PDF)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cifarlab.deploy.export import PARITY_ATOL, PARITY_RTOL, export
+
+    result = export(args.checkpoint, args.output, args.format, args.data, args.data_root,
+                    args.exporter)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    how = f" ({result.exporter} exporter)" if result.exporter else ""
+    print(f"wrote {result.path}{how}: logits within {result.max_abs_diff:.2g} of PyTorch's "
+          f"(tolerance {PARITY_ATOL:g} + {PARITY_RTOL:g} x max |logit|), same top-1 on "
+          f"{result.images} {'images' if args.data else 'random images'}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from cifarlab.deploy.quantize import quantize
+
+    check_range("--threads", args.threads, 1, None, 2)
+    result = quantize(args.checkpoint, args.data, args.output, calibration=args.calibration,
+                      images=args.images, max_drop=args.max_drop, test_data=args.test_data,
+                      data_root=args.data_root, threads=args.threads,
+                      int8_format=args.int8_format)
+    chosen = next(s for s in result.int8 if s.name == result.chosen)
+    print(f"wrote {result.path}: {result.chosen}, the fastest int8 format within "
+          f"{result.max_drop:g} points of float32 ({chosen.val_acc:.2f}% against "
+          f"{result.fp32.val_acc:.2f}% validation accuracy)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cifarlab.deploy.bench import bench, figure
+
+    check_range("--threads", args.threads, 1, None, 2)
+    if args.output:  # refused before minutes of measuring, not after
+        from cifarlab.plots import FORMATS
+
+        figure_path = Path(args.output)
+        if figure_path.suffix.lower() not in FORMATS or not figure_path.parent.is_dir():
+            raise UserError(f"-o {figure_path}: give a .png, .svg or .pdf file in an existing "
+                            "folder")
+    result = bench(args.models, args.threads, args.data, args.data_root)
+    print(result.to_json() if args.json else result.table())
+    if args.output:
+        from cifarlab.plots import save_figure
+
+        print(f"wrote {save_figure(figure(result), args.output)}",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0

@@ -1,0 +1,289 @@
+"""The commands that inspect models, checkpoints and run folders: evaluate, summary, models,
+plot, compare (of runs, or of variants of one model), report and predict. They print, draw
+figures and write reports; none trains or writes a model.
+
+    cifarlab evaluate  CHECKPOINT|RUN_DIR|MODEL.onnx --data SPEC [--json]
+    cifarlab summary   [CHECKPOINT|RUN_DIR | --model NAME --width W --classes N] [--json]
+    cifarlab models    [--classes N] [--width W] [--json]
+    cifarlab plot      RUN [RUN ...] [-o FILE]
+    cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
+    cifarlab compare   --variants MODEL MODEL [...] [--data SPEC] [--json] [--report DIR]
+    cifarlab report    RUN [--against RUN]
+    cifarlab predict   CHECKPOINT|RUN_DIR|MODEL.onnx IMAGE [IMAGE ...] [--topk K] [--json]
+
+evaluate and predict on an .onnx file use onnxruntime alone: nothing here imports torch
+on that path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cifarlab import settings_rules
+from cifarlab.cli.common import check_range, checkpoint_file
+from cifarlab.errors import UserError
+
+WIDTH_HELP = ("model.width: 64 is each model's published width, W scales its channels by "
+              "W/64 (a ResNet-18's base width is W)")
+
+
+def add_commands(commands: Any) -> None:
+    evaluate = commands.add_parser("evaluate", help="accuracy of a checkpoint on some data")
+    evaluate.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or an "
+                          ".onnx file from export or quantize")
+    evaluate.add_argument("--data", required=True, metavar="SPEC",
+                          help="images to score (a source's test split when it has one)")
+    evaluate.add_argument("--data-root", default="data")
+    evaluate.add_argument("--device", default="auto", choices=settings_rules.DEVICES)
+    evaluate.add_argument("--batch-size", type=int, default=1024)
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+
+    summary = commands.add_parser("summary", help="layer table, parameters, MACs and FLOPs")
+    summary.add_argument("checkpoint", nargs="?", help="profile this checkpoint's model (a "
+                         "pruned one included) instead of --model/--width/--classes")
+    summary.add_argument("--model", default="resnet18", help="a name cifarlab models lists")
+    summary.add_argument("--width", type=int, default=64, help=WIDTH_HELP)
+    summary.add_argument("--classes", type=int, default=10)
+    summary.add_argument("--json", action="store_true", help="print JSON")
+
+    models = commands.add_parser(
+        "models", help="every model --model accepts, with parameters and MACs",
+        description="Parameters and multiply-accumulates per 32x32 image of each model.")
+    models.add_argument("--classes", type=int, default=10)
+    models.add_argument("--width", type=int, default=64, help=WIDTH_HELP)
+    models.add_argument("--json", action="store_true", help="print JSON")
+
+    plot = commands.add_parser(
+        "plot", help="the 2x2 figure: loss, accuracy, learning rate, validation accuracy",
+        description="Loss and accuracy of the first RUN; learning rate and validation accuracy "
+                    "of every RUN (with one RUN: the time per epoch).")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    plot.add_argument("-o", "--output", default="curves.png", metavar="FILE",
+                      help="PNG, SVG or PDF, by the extension (default curves.png)")
+
+    compare = commands.add_parser(
+        "compare", help="table and figure comparing runs",
+        description="Results, each run's delta against the first, and the settings that "
+                    "differ; the figure shows validation accuracy and learning rate.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the first is "
+                         "the reference (with --variants: run folders, checkpoints, .onnx files)")
+    compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    compare.add_argument("-o", "--output", metavar="FILE", help="the figure: PNG, SVG or PDF "
+                         "(default comparison.png; with --variants variants.png)")
+    variants = compare.add_argument_group(
+        "variants", "--variants: accuracy against MACs, parameters, file size and CPU latency "
+        "of models (a baseline, pruned, distilled, exported, int8), Pareto fronts marked")
+    variants.add_argument("--variants", action="store_true",
+                          help="compare the given models as variants of one model")
+    variants.add_argument("--data", metavar="SPEC", help="score .onnx files on the validation "
+                          "split of their run, drawn from SPEC (default: what export or "
+                          "quantize recorded)")
+    variants.add_argument("--data-root", default="data")
+    variants.add_argument("--threads", type=int, help="threads for every runtime (default: all)")
+    variants.add_argument("--json", action="store_true", help="print JSON")
+    variants.add_argument("--report", metavar="DIR",
+                          help="also write DIR/variants.md and a self-contained variants.html")
+
+    report = commands.add_parser(
+        "report", help="write report.md and report.html into a run folder",
+        description="Settings, data statistics, model profile, curves, epoch log, accuracy, "
+                    "per-class accuracy and confusion matrix; train writes it at the end.")
+    report.add_argument("run", metavar="RUN", help="run folder")
+    report.add_argument("--against", metavar="RUN", help="compare with this run (deltas "
+                        "against it)")
+
+    predict = commands.add_parser(
+        "predict", help="classes and probabilities for image files",
+        description="Each image is converted to RGB, its shorter side resized to 32 pixels "
+                    "(bicubic, antialiased) and its centre cropped to 32x32.")
+    predict.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or an "
+                         ".onnx file from export or quantize (then only onnxruntime is used)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
+    predict.add_argument("--topk", type=int, default=3,
+                         help="how many of the most probable classes to show (default 3; "
+                              "more than there are shows them all)")
+    predict.add_argument("--device", default="auto", choices=settings_rules.DEVICES)
+    predict.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cifarlab.data.sources import load_source
+
+    check_range("--batch-size", args.batch_size, 1, None, 1024)
+    onnx = Path(args.checkpoint).suffix == ".onnx"
+    path = Path(args.checkpoint) if onnx else checkpoint_file(args.checkpoint)
+    label_set = "fine"
+    if onnx:  # onnxruntime only: no torch import on this path
+        from cifarlab.deploy.runtime import OnnxClassifier, evaluate_onnx
+
+        model = OnnxClassifier(path)
+        classes = model.classes
+        label_set = model.meta("split", {}).get("label_set", "fine")
+    else:
+        from cifarlab import checkpoint
+
+        ckpt = checkpoint.load(path)
+        model = checkpoint.build_model(ckpt, path)
+        classes = ckpt["classes"]
+        # CIFAR-100 is scored with the labels the model learned (fine or coarse).
+        label_set = ((ckpt.get("config") or {}).get("data") or {}).get("label_set", "fine")
+    source = load_source(args.data, args.data_root, label_set=label_set)
+    data = source.test if source.test is not None else source.train
+    if data.classes != classes:
+        raise UserError(f"--data {args.data}: classes {data.classes} do not match the "
+                        f"model's {classes}; score data of the same classes")
+    if onnx:
+        result = evaluate_onnx(model, data.images, data.labels)
+    else:
+        from cifarlab.devices import resolve_device
+        from cifarlab.evaluate import evaluate
+
+        device = resolve_device(args.device)
+        result = evaluate(model.to(device), data, ckpt["mean"], ckpt["std"], device,
+                          batch_size=args.batch_size, flip=checkpoint.tta_flip(ckpt),
+                          translate=checkpoint.tta_translate(ckpt))
+    per_class = dict(zip(data.classes, result.per_class_acc, strict=True))
+    if args.json:
+        print(json.dumps({"images": int(len(data.labels)), "acc": result.acc,
+                          "per_class_acc": per_class, "loss": result.loss}, indent=2))
+        return 0
+    print(f"{path}: {result.acc:.2f}% of {len(data.labels):,} images correct")
+    for name, acc in per_class.items():
+        print(f"  {name:<16} {acc:6.2f}%")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cifarlab.profile import profile_model
+
+    check_range("--width", args.width, 1, settings_rules.MAX_WIDTH, 64)
+    check_range("--classes", args.classes, 2, None, 10)
+    if args.checkpoint is not None:
+        from cifarlab import checkpoint
+
+        ckpt = checkpoint.load(checkpoint_file(args.checkpoint))
+        arch = ckpt["model_args"]
+        width = ((ckpt.get("config") or {}).get("model") or {}).get("width", args.width)
+        profile = profile_model(arch["name"], arch["num_classes"], width, args=arch,
+                                table=not args.json)
+    else:
+        profile = profile_model(args.model, classes=args.classes, width=args.width,
+                                table=not args.json)
+    if args.json:
+        fields: dict[str, Any] = asdict(profile)
+        fields.pop("table")
+        print(json.dumps(fields, indent=2))
+        return 0
+    print(profile.table)
+    print(f"parameters:                  {profile.params:,} "
+          f"({profile.trainable_params:,} trainable)")
+    print(f"weights:                     {profile.weights_mb:.1f} MB (float32)")
+    print(f"MACs per image, forward:     {profile.macs / 1e9:.3f} G (multiply-accumulates)")
+    print(f"FLOPs per image, forward:    {profile.flops_forward / 1e9:.2f} G")
+    print(f"FLOPs per image, train step: {profile.flops_train_step / 1e9:.2f} G "
+          "(forward + backward)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cifarlab.profile import model_sizes
+
+    sizes = model_sizes(classes=args.classes, width=args.width)
+    if args.json:
+        print(json.dumps([asdict(s) for s in sizes], indent=2))
+        return 0
+    print(f"{'model':<16} {'parameters':>12} {'MACs (M)':>10}   "
+          f"({args.classes} classes, width {args.width}, 32x32 images)")
+    for s in sizes:
+        print(f"{s.model:<16} {s.params:>12,} {s.macs / 1e6:>10.1f}")
+    from cifarlab.models import MODELS
+
+    left_out = [name for name in MODELS if name not in {s.model for s in sizes}]
+    if left_out:
+        print(f"not at width {args.width}: {', '.join(left_out)} (too narrow; see --width)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from cifarlab.plots import curves_figure, save_figure
+    from cifarlab.runs import read_runs
+
+    print(f"wrote {save_figure(curves_figure(read_runs(args.runs)), args.output)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cifarlab.comparison import comparison_tables
+    from cifarlab.document import markdown_table, text_table
+    from cifarlab.plots import comparison_figure, save_figure
+    from cifarlab.runs import read_runs
+
+    if args.variants:
+        return compare_variants(args)
+    given = [f for f in ("data", "threads", "json", "report") if getattr(args, f)]
+    if given:
+        raise UserError(f"--{given[0]} is for --variants only; add --variants or drop it")
+    if len(args.runs) < 2:
+        raise UserError("compare needs at least two run folders; to look at one, use "
+                        "cifarlab plot or cifarlab report")
+    runs = read_runs(args.runs)
+    render = markdown_table if args.markdown else text_table
+    for table in comparison_tables(runs):
+        print(render(table), end="\n\n")
+    print(f"Deltas against {runs[0].label}: accuracy in percentage points, time in seconds.")
+    print(f"wrote {save_figure(comparison_figure(runs), args.output or 'comparison.png')}")
+    return 0
+
+
+def compare_variants(args: argparse.Namespace) -> int:
+    from cifarlab.deploy import variants
+    from cifarlab.plots import save_figure
+
+    check_range("--threads", args.threads, 1, None, 2)
+    output = args.output or variants.VARIANTS_PNG
+    variants.check_outputs(output, args.report)
+    result = variants.compare_variants(args.runs, args.threads, args.data, args.data_root)
+    print(result.to_json() if args.json else variants.text(result, markdown=args.markdown))
+    said = sys.stderr if args.json else sys.stdout
+    print(f"wrote {save_figure(variants.figure(result), output)}", file=said)
+    if args.report:
+        html = variants.write_report(result, args.report)
+        print(f"wrote {html.with_suffix('.md')} and {html}", file=said)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cifarlab.report import write_report
+
+    path = write_report(args.run, against=args.against)
+    print(f"wrote {path.with_suffix('.md')} and {path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cifarlab.predict import predict_files
+
+    check_range("--topk", args.topk, 1, None, 3)
+    if Path(args.checkpoint).suffix == ".onnx":  # onnxruntime only: no torch import
+        results = predict_files(args.checkpoint, args.images, topk=args.topk)
+    else:
+        from cifarlab.devices import resolve_device
+
+        results = predict_files(checkpoint_file(args.checkpoint), args.images, topk=args.topk,
+                                device=resolve_device(args.device))
+    if args.json:
+        print(json.dumps([{"image": r.image, "predictions": [
+            {"class": name, "probability": p} for name, p in r.predictions]}
+            for r in results], indent=2))
+        return 0
+    for r in results:
+        print(r.image)
+        for name, p in r.predictions:
+            print(f"  {name:<20} {100 * p:6.2f} %")
+    return 0
+

@@ -1,0 +1,107 @@
+"""cifarlab train: its flags, the settings of a resumed run, and the launch of the same
+command under torchrun (--gpus).
+
+    cifarlab train     [--preset NAME] [--config FILE] [--set KEY=VALUE ...] [flags]
+    cifarlab train     --resume RUN_DIR [--allow-changes] [changed settings]
+    cifarlab train     --teacher CHECKPOINT|RUN_DIR [...]   (knowledge distillation)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cifarlab import config as cfg
+from cifarlab.cli.common import add_recipe_flags, check_range, resolve_config
+from cifarlab.errors import UserError
+
+
+def add_commands(commands: Any) -> None:
+    train = commands.add_parser("train", help="train a model; writes a run folder")
+    add_recipe_flags(train, "starting recipe (default seed)")
+    train.add_argument("--gpus", type=int, metavar="N",
+                       help="train on N GPUs through torchrun (with --device cpu: N processes)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run from its last.pt, exactly where it stopped")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: accept settings that differ from the run's")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as YAML and exit")
+
+
+# Settings that may differ on --resume without --allow-changes: they change nothing the
+# run computes (the loader's output does not depend on the number of workers).
+RESUME_FREE = ("data.workers", "out", "name", "stop_grace", "tensorboard")
+
+
+def resume_config(args: argparse.Namespace) -> cfg.Config:
+    """The run's own config, with the changes given on the command line if allowed."""
+    if args.preset:
+        raise UserError("--resume continues a run with its own settings; drop --preset")
+    from cifarlab.checkpoint import check_run_files
+
+    saved_path = Path(args.resume) / "config.yaml"
+    check_run_files(args.resume)
+    if not saved_path.is_file():
+        raise UserError(f"--resume {args.resume}: no config.yaml there; give a run folder")
+    saved = cfg.from_dict(cfg.load_yaml(saved_path, where=str(saved_path)))
+    config = resolve_config(args, base=saved)
+    changes = cfg.differences(saved, config, ignore=RESUME_FREE)
+    if changes and not args.allow_changes:
+        raise UserError(f"--resume {args.resume}: settings differ from the run's "
+                        f"({'; '.join(changes)}); add --allow-changes to resume with them")
+    return config
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == option:
+            skip = True
+        elif not token.startswith(option + "="):
+            out.append(token)
+    return out
+
+
+def launch_torchrun(args: argparse.Namespace, config: cfg.Config, argv: list[str]) -> NoReturn:
+    """Replace this process by torchrun running the same command once per GPU. The run
+    folder name is fixed here so that every worker, and every restart, uses the same one."""
+    import torch
+
+    from cifarlab.rundir import run_dir_for
+
+    check_range("--gpus", args.gpus, 1, None, 1)
+    if config.device != "cpu" and torch.cuda.device_count() < args.gpus:
+        raise UserError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are "
+                        "visible; lower --gpus (or use --device cpu for CPU processes)")
+    command = without_option(argv, "--gpus")
+    if not args.resume and not args.name:
+        command += ["--name", run_dir_for(config).name]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={args.gpus}", "-m", "cifarlab", *command]
+    sys.stdout.flush()
+    os.execv(sys.executable, torchrun)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cifarlab.train import fit  # torch-heavy imports only for the commands that need them
+
+    config = resume_config(args) if args.resume else resolve_config(args)
+    if args.print_config:
+        print(config.to_yaml(), end="")
+        return 0
+    if args.resume and config.distill.teacher and not args.allow_changes:
+        from cifarlab.training.distill import check_same_teacher
+
+        check_same_teacher(args.resume, config.distill.teacher)
+    if args.gpus is not None:
+        launch_torchrun(args, config, args.argv)
+    fit(config, resume=args.resume)
+    return 0
+
