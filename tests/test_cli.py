@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import cifarlab
 from cifarlab import checkpoint
 from cifarlab.cli import main
 
@@ -151,3 +152,10 @@ def test_argparse_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "invalid int value: 'many'" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"cifarlab {cifarlab.__version__}\n"

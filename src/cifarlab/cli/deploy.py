@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from cifarlab.cli.common import check_range
-from cifarlab.errors import UserError
 
 
 def add_commands(commands: Any) -> None:
@@ -109,12 +107,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     check_range("--threads", args.threads, 1, None, 2)
     if args.output:  # refused before minutes of measuring, not after
-        from cifarlab.plots import FORMATS
+        from cifarlab.plots import check_figure_path
 
-        figure_path = Path(args.output)
-        if figure_path.suffix.lower() not in FORMATS or not figure_path.parent.is_dir():
-            raise UserError(f"-o {figure_path}: give a .png, .svg or .pdf file in an existing "
-                            "folder")
+        check_figure_path(args.output)
     result = bench(args.models, args.threads, args.data, args.data_root)
     print(result.to_json() if args.json else result.table())
     if args.output:

@@ -63,8 +63,9 @@ def add_commands(commands: Any) -> None:
         description="Loss and accuracy of the first RUN; learning rate and validation accuracy "
                     "of every RUN (with one RUN: the time per epoch).")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
-    plot.add_argument("-o", "--output", default="curves.png", metavar="FILE",
-                      help="PNG, SVG or PDF, by the extension (default curves.png)")
+    plot.add_argument("-o", "--output", metavar="FILE",
+                      help="PNG, SVG or PDF, by the extension (default plot.png in the first "
+                           "RUN)")
 
     compare = commands.add_parser(
         "compare", help="table and figure comparing runs",
@@ -74,7 +75,8 @@ def add_commands(commands: Any) -> None:
                          "the reference (with --variants: run folders, checkpoints, .onnx files)")
     compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
     compare.add_argument("-o", "--output", metavar="FILE", help="the figure: PNG, SVG or PDF "
-                         "(default comparison.png; with --variants variants.png)")
+                         "(default comparison.png in the first RUN; with --variants "
+                         "variants.png in --report DIR, or beside the first variant)")
     variants = compare.add_argument_group(
         "variants", "--variants: accuracy against MACs, parameters, file size and CPU latency "
         "of models (a baseline, pruned, distilled, exported, int8), Pareto fronts marked")
@@ -213,8 +215,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from cifarlab.plots import curves_figure, save_figure
     from cifarlab.runs import read_runs
 
-    print(f"wrote {save_figure(curves_figure(read_runs(args.runs)), args.output)}")
+    output = figure_path(args.output, args.runs, "plot.png")
+    print(f"wrote {save_figure(curves_figure(read_runs(args.runs)), output)}")
     return 0
+
+
+def figure_path(given: str | None, items: list[str], name: str) -> Path:
+    """A figure's file: `given` (-o), else `name` in the run folder named first (or beside the
+    file named first), where the command's subject is, not the current folder. Never one of
+    a run's own files."""
+    from cifarlab.plots import check_figure_path
+
+    first = Path(items[0])
+    path = Path(given) if given else (first if first.is_dir() else first.parent) / name
+    check_figure_path(path)
+    return path
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -231,12 +246,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise UserError("compare needs at least two run folders; to look at one, use "
                         "cifarlab plot or cifarlab report")
+    output = figure_path(args.output, args.runs, "comparison.png")
     runs = read_runs(args.runs)
     render = markdown_table if args.markdown else text_table
     for table in comparison_tables(runs):
         print(render(table), end="\n\n")
     print(f"Deltas against {runs[0].label}: accuracy in percentage points, time in seconds.")
-    print(f"wrote {save_figure(comparison_figure(runs), args.output or 'comparison.png')}")
+    print(f"wrote {save_figure(comparison_figure(runs), output)}")
     return 0
 
 
@@ -245,12 +261,15 @@ def compare_variants(args: argparse.Namespace) -> int:
     from cifarlab.plots import save_figure
 
     check_range("--threads", args.threads, 1, None, 2)
-    output = args.output or variants.VARIANTS_PNG
-    variants.check_outputs(output, args.report)
+    # With --report the figure is in the report's folder; else beside the first variant.
+    output = (None if args.report and not args.output
+              else figure_path(args.output, args.runs, variants.VARIANTS_PNG))
+    variants.check_report_folder(args.report)
     result = variants.compare_variants(args.runs, args.threads, args.data, args.data_root)
     print(result.to_json() if args.json else variants.text(result, markdown=args.markdown))
     said = sys.stderr if args.json else sys.stdout
-    print(f"wrote {save_figure(variants.figure(result), output)}", file=said)
+    if output is not None:
+        print(f"wrote {save_figure(variants.figure(result), output)}", file=said)
     if args.report:
         html = variants.write_report(result, args.report)
         print(f"wrote {html.with_suffix('.md')} and {html}", file=said)
