@@ -92,6 +92,27 @@ def test_best_checkpoint_loads_safely_and_evaluates_to_the_test_accuracy(run, ca
     assert set(report["per_class_acc"]) == set(result["classes"])
 
 
+def test_evaluate_without_data_scores_the_runs_own_test_split_and_says_so(run, capsys):
+    run_dir, _ = run
+    assert main(["evaluate", str(run_dir), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert json.loads(captured.out)["acc"] == pytest.approx(result["test_acc"], abs=1e-9)
+    assert "evaluating on the run's own data: --data synthetic:1500 (its data.source)" \
+        in captured.err
+
+
+def test_evaluate_without_data_never_reads_a_path_the_checkpoint_records(run, tmp_path, capsys):
+    run_dir, _ = run
+    ckpt = checkpoint.load(run_dir / "best.pt")
+    ckpt["config"]["data"]["source"] = str(tmp_path / "someone-elses-data")
+    checkpoint.save_atomic(ckpt, tmp_path / "handed-over.pt")
+    assert main(["evaluate", str(tmp_path / "handed-over.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "reads no path a model file records; give the data with --data SPEC" in err
+    assert err.count("\n") == 1
+
+
 def run_cli(args, capsys):
     code = main(args)
     captured = capsys.readouterr()

@@ -36,8 +36,10 @@ def add_commands(commands: Any) -> None:
     evaluate = commands.add_parser("evaluate", help="accuracy of a checkpoint on some data")
     evaluate.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or an "
                           ".onnx file from export or quantize")
-    evaluate.add_argument("--data", required=True, metavar="SPEC",
-                          help="images to score (a source's test split when it has one)")
+    evaluate.add_argument("--data", metavar="SPEC",
+                          help="images to score (a source's test split when it has one); "
+                               "default: the run's own data when it is named by a keyword "
+                               "(cifar10, cifar100, synthetic)")
     evaluate.add_argument("--data-root", default="data")
     evaluate.add_argument("--device", default="auto", choices=settings_rules.DEVICES)
     evaluate.add_argument("--batch-size", type=int, default=1024)
@@ -113,6 +115,23 @@ def add_commands(commands: Any) -> None:
     predict.add_argument("--json", action="store_true", help="print JSON")
 
 
+def own_data(path: Path, data: dict) -> str:
+    """The data a model's run trained on, where a keyword names it (its test source first):
+    a path the file records is never read (the file may come from someone else)."""
+    from cifarlab.data.sources import named_source
+
+    for key in ("test_source", "source"):
+        spec = data.get(key)
+        if isinstance(spec, str) and named_source(spec) and spec not in ("auto", "none"):
+            print(f"evaluating on the run's own data: --data {spec} (its data.{key})",
+                  file=sys.stderr)
+            return spec
+    recorded = data.get("source")
+    where = f" from a path ({recorded})" if isinstance(recorded, str) else ""
+    raise UserError(f"{path}: its run trained on data{where}, and evaluate reads no path a "
+                    "model file records; give the data with --data SPEC")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cifarlab.data.sources import load_source
 
@@ -134,10 +153,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         classes = ckpt["classes"]
         # CIFAR-100 is scored with the labels the model learned (fine or coarse).
         label_set = ((ckpt.get("config") or {}).get("data") or {}).get("label_set", "fine")
-    source = load_source(args.data, args.data_root, label_set=label_set)
+    spec = args.data or own_data(path, model.meta("split", {}) if onnx else (
+        (ckpt.get("config") or {}).get("data") or {}))
+    source = load_source(spec, args.data_root, label_set=label_set)
     data = source.test if source.test is not None else source.train
     if data.classes != classes:
-        raise UserError(f"--data {args.data}: classes {data.classes} do not match the "
+        raise UserError(f"--data {spec}: classes {data.classes} do not match the "
                         f"model's {classes}; score data of the same classes")
     if onnx:
         result = evaluate_onnx(model, data.images, data.labels)

@@ -37,6 +37,7 @@ from torch import nn
 from cifarlab import checkpoint
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import normalize
+from cifarlab.data.sources import named_source
 from cifarlab.devices import memory_format
 from cifarlab.errors import UserError, import_package
 from cifarlab.models import LAYERS, MODELS, architecture
@@ -103,14 +104,6 @@ def without_paths(saved: Config) -> Config:
                      else defaults.data.test_source))
     return dataclasses.replace(saved, out=defaults.out, data=data,
                                distill=dataclasses.replace(saved.distill, teacher=""))
-
-
-def named_source(source: str) -> bool:
-    """A data source named by a keyword (no path): cifar10, cifar100, synthetic[:N], or a
-    test source's auto / none."""
-    word = source.strip().lower()
-    return word in ("cifar10", "cifar100", "synthetic", "auto", "none") or word.startswith(
-        "synthetic:")
 
 
 def recorded_data_path(saved: Config) -> str | None:
