@@ -4,9 +4,11 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import cifarlab
 from cifarlab import checkpoint
@@ -77,6 +79,19 @@ def test_config_yaml_is_the_resolved_config(run, tmp_path):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["width"] == 8 and saved["batch_size"] == 64
     assert saved["data"]["source"] == "synthetic:1500" and saved["optim"]["lr"] == 0.1
+
+
+def test_a_runs_config_yaml_repeats_it_under_a_new_name(run, capsys):
+    run_dir, _ = run
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert Path(saved["out"]) / saved["name"] == run_dir
+    assert main(["train", "--config", str(run_dir / "config.yaml"), "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["name"] is None  # <preset>-<timestamp> when it runs
+    assert f"names the run '{saved['name']}', whose folder exists" in captured.err
+    assert main(["train", "--config", str(run_dir / "config.yaml"), "--name", "again",
+                 "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == "again"
 
 
 def test_best_checkpoint_loads_safely_and_evaluates_to_the_test_accuracy(run, capsys):
