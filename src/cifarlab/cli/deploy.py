@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any
 
+from cifarlab import settings_rules
 from cifarlab.cli.common import check_range
 
 
@@ -90,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from cifarlab.deploy.quantize import quantize
 
-    check_range("--threads", args.threads, 1, None, 2)
+    check_range("--threads", args.threads, 1, settings_rules.MAX_THREADS, 2)
     result = quantize(args.checkpoint, args.data, args.output, calibration=args.calibration,
                       images=args.images, max_drop=args.max_drop, test_data=args.test_data,
                       data_root=args.data_root, threads=args.threads,
@@ -105,7 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cifarlab.deploy.bench import bench, figure
 
-    check_range("--threads", args.threads, 1, None, 2)
+    check_range("--threads", args.threads, 1, settings_rules.MAX_THREADS, 2)
     if args.output:  # refused before minutes of measuring, not after
         from cifarlab.plots import check_figure_path
 

@@ -135,7 +135,7 @@ def own_data(path: Path, data: dict) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cifarlab.data.sources import load_source
 
-    check_range("--batch-size", args.batch_size, 1, None, 1024)
+    check_range("--batch-size", args.batch_size, 1, settings_rules.MAX_COUNT, 1024)
     onnx = Path(args.checkpoint).suffix == ".onnx"
     path = Path(args.checkpoint) if onnx else checkpoint_file(args.checkpoint)
     label_set = "fine"
@@ -185,7 +185,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from cifarlab.profile import profile_model
 
     check_range("--width", args.width, 1, settings_rules.MAX_WIDTH, 64)
-    check_range("--classes", args.classes, 2, None, 10)
+    check_range("--classes", args.classes, 2, settings_rules.MAX_CLASSES, 10)
     if args.checkpoint is not None:
         from cifarlab import checkpoint
 
@@ -281,7 +281,7 @@ def compare_variants(args: argparse.Namespace) -> int:
     from cifarlab.deploy import variants
     from cifarlab.plots import save_figure
 
-    check_range("--threads", args.threads, 1, None, 2)
+    check_range("--threads", args.threads, 1, settings_rules.MAX_THREADS, 2)
     # With --report the figure is in the report's folder; else beside the first variant.
     output = (None if args.report and not args.output
               else figure_path(args.output, args.runs, variants.VARIANTS_PNG))
@@ -308,7 +308,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cifarlab.predict import predict_files
 
-    check_range("--topk", args.topk, 1, None, 3)
+    check_range("--topk", args.topk, 1, settings_rules.MAX_COUNT, 3)
     if Path(args.checkpoint).suffix == ".onnx":  # onnxruntime only: no torch import
         results = predict_files(args.checkpoint, args.images, topk=args.topk)
     else:
