@@ -312,7 +312,7 @@ def test_other_commands_flags(trained_run, place, capsys):
         (["summary", "--width", "0"], "--width 0: must be from 1"),
         (["summary", "--width", "-3"], "--width -3"),
         (["summary", "--width", "1000001"], "--width 1000001"),
-        (["summary", "--classes", "0"], "--classes 0: must be at least 2"),
+        (["summary", "--classes", "0"], "--classes 0: must be from 2 to 100000"),
         (["summary", "--classes", "1"], "--classes 1"),
         (["evaluate", str(trained_run), "--data", "synthetic:40", "--batch-size", "0"],
          "--batch-size 0"),
@@ -320,6 +320,14 @@ def test_other_commands_flags(trained_run, place, capsys):
          "--batch-size -1"),
         (["predict", str(trained_run), "x.png", "--topk", "0"], "--topk 0"),
         (["predict", str(trained_run), "x.png", "--topk", "-2"], "--topk -2"),
+        (["predict", str(trained_run), "x.png", "--topk", "1000001"], "--topk 1000001"),
+        (["summary", "--classes", "100001"], "--classes 100001: must be from 2 to 100000"),
+        (["evaluate", missing, "--data", "synthetic:40", "--batch-size", "1000001"],
+         "--batch-size 1000001"),
+        (["bench", missing, "--threads", "1025"], "--threads 1025: must be from 1 to 1024"),
+        (["quantize", missing, "--data", "synthetic:40", "--threads", "1025"],
+         "--threads 1025"),
+        (["compare", "--variants", missing, missing, "--threads", "1025"], "--threads 1025"),
     ]:
         assert message in refused(args, place, capsys)
     # The valid edges next to them.
@@ -555,6 +563,9 @@ def test_prune_flags_and_checkpoints(trained_run, place, capsys):
         (["prune", run, "--target-macs", "0.001", "--round-to", "2"],
          "smallest pruned model keeps"),
         (["prune", run, "--target-macs", "0.5", "--steps", "0"], "--steps 0"),
+        (["prune", run, "--target-macs", "0.5", "--steps", "101"], "--steps 101: must be "
+         "from 1 to 100"),
+        (["prune", run, "--target-macs", "0.5", "--round-to", "1025"], "--round-to 1025"),
         (["prune", run, "--target-macs", "0.5", "--round-to", "0"], "--round-to 0"),
         (["prune", str(foreign), "--target-macs", "0.5"], "architecture 'lenet': unknown"),
         (["prune", str(padded), "--target-macs", "0.5"], "zero-padding shortcuts"),

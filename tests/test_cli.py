@@ -4,10 +4,13 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+import cifarlab
 from cifarlab import checkpoint
 from cifarlab.cli import main
 
@@ -78,6 +81,19 @@ def test_config_yaml_is_the_resolved_config(run, tmp_path):
     assert saved["data"]["source"] == "synthetic:1500" and saved["optim"]["lr"] == 0.1
 
 
+def test_a_runs_config_yaml_repeats_it_under_a_new_name(run, capsys):
+    run_dir, _ = run
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert Path(saved["out"]) / saved["name"] == run_dir
+    assert main(["train", "--config", str(run_dir / "config.yaml"), "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["name"] is None  # <preset>-<timestamp> when it runs
+    assert f"names the run '{saved['name']}', whose folder exists" in captured.err
+    assert main(["train", "--config", str(run_dir / "config.yaml"), "--name", "again",
+                 "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == "again"
+
+
 def test_best_checkpoint_loads_safely_and_evaluates_to_the_test_accuracy(run, capsys):
     run_dir, _ = run
     ckpt = checkpoint.load(run_dir / "best.pt")
@@ -89,6 +105,27 @@ def test_best_checkpoint_loads_safely_and_evaluates_to_the_test_accuracy(run, ca
     report = json.loads(capsys.readouterr().out)
     assert report["acc"] == pytest.approx(result["test_acc"], abs=1e-9)
     assert set(report["per_class_acc"]) == set(result["classes"])
+
+
+def test_evaluate_without_data_scores_the_runs_own_test_split_and_says_so(run, capsys):
+    run_dir, _ = run
+    assert main(["evaluate", str(run_dir), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert json.loads(captured.out)["acc"] == pytest.approx(result["test_acc"], abs=1e-9)
+    assert "evaluating on the run's own data: --data synthetic:1500 (its data.source)" \
+        in captured.err
+
+
+def test_evaluate_without_data_never_reads_a_path_the_checkpoint_records(run, tmp_path, capsys):
+    run_dir, _ = run
+    ckpt = checkpoint.load(run_dir / "best.pt")
+    ckpt["config"]["data"]["source"] = str(tmp_path / "someone-elses-data")
+    checkpoint.save_atomic(ckpt, tmp_path / "handed-over.pt")
+    assert main(["evaluate", str(tmp_path / "handed-over.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "reads no path a model file records; give the data with --data SPEC" in err
+    assert err.count("\n") == 1
 
 
 def run_cli(args, capsys):
@@ -151,3 +188,10 @@ def test_argparse_errors_are_one_line(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "invalid int value: 'many'" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"cifarlab {cifarlab.__version__}\n"

@@ -146,6 +146,23 @@ def test_an_output_path_that_cannot_be_written_is_refused(best, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["export", "quantize"])
+def test_an_output_never_replaces_the_runs_own_files_or_a_file_of_another_kind(
+        trained_run, best, tmp_path, capsys, command):
+    # export -o RUN/best.pt would have replaced the trained model with an ONNX file.
+    before = {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()}
+    extra = ["--data", "synthetic:300"] if command == "quantize" else []
+    for name in ("best.pt", "config.yaml", "metrics.csv"):
+        code, _, err = run_cli([command, best, *extra, "-o", trained_run / name], capsys)
+        assert code == 2 and f"that is the run's own {name}, which this would replace" in err
+    other = tmp_path / "notes.txt"
+    other.write_text("mine\n")
+    code, _, err = run_cli([command, best, *extra, "-o", other], capsys)
+    assert code == 2 and "exists and is not a .onnx file" in err and err.count("\n") == 1
+    assert other.read_text() == "mine\n"
+    assert {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()} == before
+
+
 def test_pt2_and_safetensors_load_back(best, eager, images, tmp_path, capsys):
     expected = reference(eager, images)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255

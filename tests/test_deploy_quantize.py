@@ -133,6 +133,7 @@ def test_calibration_data_of_other_classes_is_refused(trained_run, tmp_path, cap
 @pytest.mark.parametrize("flags, message", [
     (["--images", "0"], "--images 0"),
     (["--max-drop", "-1"], "--max-drop -1"),
+    (["--max-drop", "inf"], "--max-drop inf: must be a finite number"),
     (["-o", "no/such/folder/m.onnx"], "no folder"),
 ])
 def test_bad_flags_are_one_line(trained_run, capsys, flags, message):

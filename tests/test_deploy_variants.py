@@ -176,8 +176,11 @@ def test_data_scores_onnx_files_on_their_runs_validation_split(models, tmp_path,
                  "--markdown"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("CPU: ") and "threads: 1 (every runtime)" in out
-    assert "| tiny | torch eager fp32 |" in out and "wrote variants.png" in out
-    assert (tmp_path / variants.VARIANTS_PNG).stat().st_size > 0
+    # The figure goes beside the first variant (into its run folder), not the current folder.
+    beside = run / variants.VARIANTS_PNG
+    assert "| tiny | torch eager fp32 |" in out and f"wrote {beside}" in out
+    assert beside.stat().st_size > 0 and not (tmp_path / variants.VARIANTS_PNG).exists()
+    beside.unlink()  # the run folder is shared with other tests
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,29 @@ def test_plot_command(tmp_path, capsys):
     assert png_size(out) == expected_pixels(plots.CURVES_SIZE)
 
 
+def test_plot_and_compare_write_into_the_first_run_by_default(tmp_path, capsys, monkeypatch):
+    a, b = write_run(tmp_path / "a", 4), write_run(tmp_path / "b", 9)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(a), str(b)]) == 0
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {a / 'plot.png'}" in out and f"wrote {a / 'comparison.png'}" in out
+    assert png_size(a / "plot.png") == expected_pixels(plots.CURVES_SIZE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing in the cwd
+
+
+@pytest.mark.parametrize("name", ["best.pt", "metrics.csv", "curves.png", "report.html"])
+def test_a_figure_never_replaces_a_runs_own_file(tmp_path, capsys, name):
+    a = write_run(tmp_path / "a", 4)
+    (a / "run_id").write_text("0123\n")
+    (a / name).write_bytes(b"the run's own")
+    for argv in (["plot", str(a)], ["compare", str(a), str(a)]):
+        assert main([*argv, "-o", str(a / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"that is the run's own {name}, which this would replace" in err
+        assert err.count("\n") == 1 and (a / name).read_bytes() == b"the run's own"
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "no such folder"),
     (lambda d: d.mkdir(), "no config.yaml there"),

@@ -130,6 +130,10 @@ def test_a_pruned_run_is_an_ordinary_run_folder(pruned_run, capsys):
     assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(result["test_acc"])
     report = (pruned_run / "report.md").read_text()
     assert "## Pruning" in report and f"{after['params']:,}" in report
+    # Its repeat is prune's command: train --config would train the unpruned architecture.
+    assert (f"`cifarlab prune {info['parent']} --target-macs 0.6 --importance magnitude "
+            f"--steps 1 --round-to 2 --config {pruned_run / 'config.yaml'}") in report
+    assert "cifarlab train --config" not in report
     # bench counts the pruned model's MACs; predict reads its checkpoint.
     assert main(["bench", str(pruned_run), "--threads", "1", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]

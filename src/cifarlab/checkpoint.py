@@ -120,6 +120,16 @@ RUN_FILES = ("config.yaml", "train.log", "metrics.csv", "last.pt", "best.pt", "r
 RUN_SUBFOLDERS = ("tensorboard",)
 
 
+def check_not_a_run_file(path: str | Path, flag: str = "-o") -> None:
+    """Refuse an output that would replace one of a run's own files (its checkpoints,
+    settings, metrics, log or report) in a run folder (one with a run id): `export -o
+    RUN/best.pt` would otherwise replace the trained model with an ONNX file."""
+    path = Path(path)
+    if path.name in RUN_FILES and (path.parent / RUN_ID_FILE).is_file():
+        raise UserError(f"{flag} {path}: that is the run's own {path.name}, which this would "
+                        "replace; choose another file name")
+
+
 def check_run_files(folder: str | Path, names: tuple[str, ...] = RUN_FILES + RUN_SUBFOLDERS
                     ) -> None:
     """Refuse a run folder where one of `names` is a symbolic link, or a file the run writes

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cifarlab.checkpoint import write_atomic
+from cifarlab.checkpoint import check_not_a_run_file, write_atomic
 from cifarlab.config import AugmentConfig
 from cifarlab.errors import UserError
 from cifarlab.runs import Run
@@ -100,6 +100,15 @@ def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt, dpi=DPI)
     return buffer.getvalue()
+
+
+def check_figure_path(path: str | Path) -> None:
+    """Refuse a figure file that cannot be written (an unknown format, no such folder) or
+    that is one of a run's own files, before minutes of measuring rather than after."""
+    path = Path(path)
+    check_not_a_run_file(path)
+    if path.suffix.lower() not in FORMATS or not path.parent.is_dir():
+        raise UserError(f"-o {path}: give a .png, .svg or .pdf file in an existing folder")
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:

@@ -100,9 +100,19 @@ def build_document(run: Run, other: Run | None, classes: list[str], data: dict[s
     sections.append(Section("Model", _model_blocks(profile)))
     if pruning is not None:
         sections.append(Section("Pruning", _pruning_blocks(run, pruning)))
+    # A pruned run's config.yaml would train its unpruned architecture: its repeat is prune.
+    config_file = run.folder / "config.yaml"
+    repeat = f"`cifarlab train --config {config_file} --name NEW_NAME`"
+    if pruning is not None:
+        flag = {"macs": "--target-macs", "params": "--target-params", "ratio": "--ratio"}[
+            pruning["target"]["measure"]]
+        repeat = (f"`cifarlab prune {pruning['parent']} {flag} "
+                  f"{pruning['target']['fraction']:g} --importance {pruning['importance']} "
+                  f"--steps {pruning['steps']} --round-to {pruning['round_to']} --config "
+                  f"{config_file} --name NEW_NAME` (the pruned architecture is what prune "
+                  "makes, not a setting: `train --config` would train the unpruned one)")
     sections.append(Section("Settings", [
-        Text("The resolved settings (config.yaml); repeat the run with "
-             f"`cifarlab train --config {run.folder / 'config.yaml'} --name NEW_NAME`."),
+        Text(f"The resolved settings (config.yaml); repeat the run with {repeat}."),
         Code(run.config.to_yaml().rstrip()),
     ]))
     sections.append(Section("Epoch log", [_epoch_table(run)]))

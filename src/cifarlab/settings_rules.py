@@ -47,6 +47,8 @@ PADDING_MODES = ("constant", "reflect")
 SEED_MAX = 2**32 - 1  # numpy's and Python's generators take seeds in [0, 2**32 - 1]
 MAX_WIDTH = 1_000_000  # far beyond any machine; the memory check (memory.py) says more
 MAX_COUNT = 1_000_000  # epochs, patience, batch size: larger is always a typo
+MAX_THREADS = 1024  # threads of one process (the `threads` setting, --threads)
+MAX_CLASSES = 100_000  # summary --classes: a head far beyond any data set here
 
 
 def _show(value: Any) -> str:
@@ -244,7 +246,7 @@ RULES: dict[str, Rule] = {
     "patience": integer(0, MAX_COUNT, what="a number of epochs (0: no early stopping)"),
     "amp": choice(AMP_MODES),
     "device": choice(DEVICES),
-    "threads": integer(0, 1024, what="a number of threads (0: one per core)"),
+    "threads": integer(0, MAX_THREADS, what="a number of threads (0: one per core)"),
     "compile": choice(COMPILE_MODES),
     "seed": SEED,
     "deterministic": ANY,

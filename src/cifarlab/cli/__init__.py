@@ -15,6 +15,7 @@ import os
 import sys
 from typing import NoReturn
 
+from cifarlab import __version__
 from cifarlab.cli import compress, deploy, inspect, studies, train
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="cifarlab", description="Train and inspect CIFAR-10-style image classifiers."
     )
+    parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=Parser)
 

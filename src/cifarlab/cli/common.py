@@ -65,6 +65,13 @@ def resolve_config(args: argparse.Namespace, base: cfg.Config | None = None) -> 
     file_settings = cfg.load_yaml(args.config) if args.config else {}
     config = base or get_preset(args.preset or file_settings.get("preset", "seed"))
     config = cfg.apply_dict(config, file_settings)
+    named = file_settings.get("name")
+    if named and not sets(args, "name") and (Path(config.out) / str(named)).exists():
+        # A run's own config.yaml repeats the run: under a new name, not into its folder.
+        config = cfg.apply_dict(config, {"name": None})
+        print(f"note: --config {args.config} names the run '{named}', whose folder exists in "
+              f"{config.out}; this run gets a new name (choose one with --name)",
+              file=sys.stderr)
     for flag, (key, _, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
+from cifarlab import settings_rules
 from cifarlab.cli.common import check_range
-from cifarlab.errors import UserError
 
 
 def add_commands(commands: Any) -> None:
@@ -92,7 +91,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from cifarlab.deploy.quantize import quantize
 
-    check_range("--threads", args.threads, 1, None, 2)
+    check_range("--threads", args.threads, 1, settings_rules.MAX_THREADS, 2)
     result = quantize(args.checkpoint, args.data, args.output, calibration=args.calibration,
                       images=args.images, max_drop=args.max_drop, test_data=args.test_data,
                       data_root=args.data_root, threads=args.threads,
@@ -107,14 +106,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cifarlab.deploy.bench import bench, figure
 
-    check_range("--threads", args.threads, 1, None, 2)
+    check_range("--threads", args.threads, 1, settings_rules.MAX_THREADS, 2)
     if args.output:  # refused before minutes of measuring, not after
-        from cifarlab.plots import FORMATS
+        from cifarlab.plots import check_figure_path
 
-        figure_path = Path(args.output)
-        if figure_path.suffix.lower() not in FORMATS or not figure_path.parent.is_dir():
-            raise UserError(f"-o {figure_path}: give a .png, .svg or .pdf file in an existing "
-                            "folder")
+        check_figure_path(args.output)
     result = bench(args.models, args.threads, args.data, args.data_root)
     print(result.to_json() if args.json else result.table())
     if args.output:

@@ -36,8 +36,10 @@ def add_commands(commands: Any) -> None:
     evaluate = commands.add_parser("evaluate", help="accuracy of a checkpoint on some data")
     evaluate.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or an "
                           ".onnx file from export or quantize")
-    evaluate.add_argument("--data", required=True, metavar="SPEC",
-                          help="images to score (a source's test split when it has one)")
+    evaluate.add_argument("--data", metavar="SPEC",
+                          help="images to score (a source's test split when it has one); "
+                               "default: the run's own data when it is named by a keyword "
+                               "(cifar10, cifar100, synthetic)")
     evaluate.add_argument("--data-root", default="data")
     evaluate.add_argument("--device", default="auto", choices=settings_rules.DEVICES)
     evaluate.add_argument("--batch-size", type=int, default=1024)
@@ -63,8 +65,9 @@ def add_commands(commands: Any) -> None:
         description="Loss and accuracy of the first RUN; learning rate and validation accuracy "
                     "of every RUN (with one RUN: the time per epoch).")
     plot.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
-    plot.add_argument("-o", "--output", default="curves.png", metavar="FILE",
-                      help="PNG, SVG or PDF, by the extension (default curves.png)")
+    plot.add_argument("-o", "--output", metavar="FILE",
+                      help="PNG, SVG or PDF, by the extension (default plot.png in the first "
+                           "RUN)")
 
     compare = commands.add_parser(
         "compare", help="table and figure comparing runs",
@@ -74,7 +77,8 @@ def add_commands(commands: Any) -> None:
                          "the reference (with --variants: run folders, checkpoints, .onnx files)")
     compare.add_argument("--markdown", action="store_true", help="print a Markdown table")
     compare.add_argument("-o", "--output", metavar="FILE", help="the figure: PNG, SVG or PDF "
-                         "(default comparison.png; with --variants variants.png)")
+                         "(default comparison.png in the first RUN; with --variants "
+                         "variants.png in --report DIR, or beside the first variant)")
     variants = compare.add_argument_group(
         "variants", "--variants: accuracy against MACs, parameters, file size and CPU latency "
         "of models (a baseline, pruned, distilled, exported, int8), Pareto fronts marked")
@@ -111,10 +115,27 @@ def add_commands(commands: Any) -> None:
     predict.add_argument("--json", action="store_true", help="print JSON")
 
 
+def own_data(path: Path, data: dict) -> str:
+    """The data a model's run trained on, where a keyword names it (its test source first):
+    a path the file records is never read (the file may come from someone else)."""
+    from cifarlab.data.sources import named_source
+
+    for key in ("test_source", "source"):
+        spec = data.get(key)
+        if isinstance(spec, str) and named_source(spec) and spec not in ("auto", "none"):
+            print(f"evaluating on the run's own data: --data {spec} (its data.{key})",
+                  file=sys.stderr)
+            return spec
+    recorded = data.get("source")
+    where = f" from a path ({recorded})" if isinstance(recorded, str) else ""
+    raise UserError(f"{path}: its run trained on data{where}, and evaluate reads no path a "
+                    "model file records; give the data with --data SPEC")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cifarlab.data.sources import load_source
 
-    check_range("--batch-size", args.batch_size, 1, None, 1024)
+    check_range("--batch-size", args.batch_size, 1, settings_rules.MAX_COUNT, 1024)
     onnx = Path(args.checkpoint).suffix == ".onnx"
     path = Path(args.checkpoint) if onnx else checkpoint_file(args.checkpoint)
     label_set = "fine"
@@ -132,10 +153,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         classes = ckpt["classes"]
         # CIFAR-100 is scored with the labels the model learned (fine or coarse).
         label_set = ((ckpt.get("config") or {}).get("data") or {}).get("label_set", "fine")
-    source = load_source(args.data, args.data_root, label_set=label_set)
+    spec = args.data or own_data(path, model.meta("split", {}) if onnx else (
+        (ckpt.get("config") or {}).get("data") or {}))
+    source = load_source(spec, args.data_root, label_set=label_set)
     data = source.test if source.test is not None else source.train
     if data.classes != classes:
-        raise UserError(f"--data {args.data}: classes {data.classes} do not match the "
+        raise UserError(f"--data {spec}: classes {data.classes} do not match the "
                         f"model's {classes}; score data of the same classes")
     if onnx:
         result = evaluate_onnx(model, data.images, data.labels)
@@ -162,7 +185,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from cifarlab.profile import profile_model
 
     check_range("--width", args.width, 1, settings_rules.MAX_WIDTH, 64)
-    check_range("--classes", args.classes, 2, None, 10)
+    check_range("--classes", args.classes, 2, settings_rules.MAX_CLASSES, 10)
     if args.checkpoint is not None:
         from cifarlab import checkpoint
 
@@ -213,8 +236,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from cifarlab.plots import curves_figure, save_figure
     from cifarlab.runs import read_runs
 
-    print(f"wrote {save_figure(curves_figure(read_runs(args.runs)), args.output)}")
+    output = figure_path(args.output, args.runs, "plot.png")
+    print(f"wrote {save_figure(curves_figure(read_runs(args.runs)), output)}")
     return 0
+
+
+def figure_path(given: str | None, items: list[str], name: str) -> Path:
+    """A figure's file: `given` (-o), else `name` in the run folder named first (or beside the
+    file named first), where the command's subject is, not the current folder. Never one of
+    a run's own files."""
+    from cifarlab.plots import check_figure_path
+
+    first = Path(items[0])
+    path = Path(given) if given else (first if first.is_dir() else first.parent) / name
+    check_figure_path(path)
+    return path
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -231,12 +267,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.runs) < 2:
         raise UserError("compare needs at least two run folders; to look at one, use "
                         "cifarlab plot or cifarlab report")
+    output = figure_path(args.output, args.runs, "comparison.png")
     runs = read_runs(args.runs)
     render = markdown_table if args.markdown else text_table
     for table in comparison_tables(runs):
         print(render(table), end="\n\n")
     print(f"Deltas against {runs[0].label}: accuracy in percentage points, time in seconds.")
-    print(f"wrote {save_figure(comparison_figure(runs), args.output or 'comparison.png')}")
+    print(f"wrote {save_figure(comparison_figure(runs), output)}")
     return 0
 
 
@@ -244,13 +281,16 @@ def compare_variants(args: argparse.Namespace) -> int:
     from cifarlab.deploy import variants
     from cifarlab.plots import save_figure
 
-    check_range("--threads", args.threads, 1, None, 2)
-    output = args.output or variants.VARIANTS_PNG
-    variants.check_outputs(output, args.report)
+    check_range("--threads", args.threads, 1, settings_rules.MAX_THREADS, 2)
+    # With --report the figure is in the report's folder; else beside the first variant.
+    output = (None if args.report and not args.output
+              else figure_path(args.output, args.runs, variants.VARIANTS_PNG))
+    variants.check_report_folder(args.report)
     result = variants.compare_variants(args.runs, args.threads, args.data, args.data_root)
     print(result.to_json() if args.json else variants.text(result, markdown=args.markdown))
     said = sys.stderr if args.json else sys.stdout
-    print(f"wrote {save_figure(variants.figure(result), output)}", file=said)
+    if output is not None:
+        print(f"wrote {save_figure(variants.figure(result), output)}", file=said)
     if args.report:
         html = variants.write_report(result, args.report)
         print(f"wrote {html.with_suffix('.md')} and {html}", file=said)
@@ -268,7 +308,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cifarlab.predict import predict_files
 
-    check_range("--topk", args.topk, 1, None, 3)
+    check_range("--topk", args.topk, 1, settings_rules.MAX_COUNT, 3)
     if Path(args.checkpoint).suffix == ".onnx":  # onnxruntime only: no torch import
         results = predict_files(args.checkpoint, args.images, topk=args.topk)
     else:

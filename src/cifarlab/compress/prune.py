@@ -37,6 +37,7 @@ from torch import nn
 from cifarlab import checkpoint
 from cifarlab.config import Config
 from cifarlab.data.cpu_augment import normalize
+from cifarlab.data.sources import named_source
 from cifarlab.devices import memory_format
 from cifarlab.errors import UserError, import_package
 from cifarlab.models import LAYERS, MODELS, architecture
@@ -46,6 +47,8 @@ log = logging.getLogger("cifarlab")
 
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")
 MEASURES = ("macs", "params")
+MAX_STEPS = 100  # pruning rounds
+MAX_ROUND_TO = 1024  # channels: no layer of the zoo is wider
 PRUNE_JSON = "prune.json"
 SEARCH_ROUNDS = 12  # bisection rounds: the fraction of channels to within 1 / 2^12
 TAYLOR_BATCHES, TAYLOR_BATCH_SIZE = 4, 64  # training images that rank channels by taylor
@@ -103,14 +106,6 @@ def without_paths(saved: Config) -> Config:
                      else defaults.data.test_source))
     return dataclasses.replace(saved, out=defaults.out, data=data,
                                distill=dataclasses.replace(saved.distill, teacher=""))
-
-
-def named_source(source: str) -> bool:
-    """A data source named by a keyword (no path): cifar10, cifar100, synthetic[:N], or a
-    test source's auto / none."""
-    word = source.strip().lower()
-    return word in ("cifar10", "cifar100", "synthetic", "auto", "none") or word.startswith(
-        "synthetic:")
 
 
 def recorded_data_path(saved: Config) -> str | None:
@@ -277,10 +272,11 @@ def prune_run(path: str | Path, config: Config, measure: str, fraction: float,
 
     check_target(measure, fraction)
     _importance(importance)
-    if steps < 1:
-        raise UserError(f"--steps {steps}: must be at least 1; e.g. --steps 1")
-    if round_to < 1:
-        raise UserError(f"--round-to {round_to}: must be at least 1; e.g. --round-to 8")
+    if not 1 <= steps <= MAX_STEPS:  # each round ranks and prunes the whole network again
+        raise UserError(f"--steps {steps}: must be from 1 to {MAX_STEPS}; e.g. --steps 1")
+    if not 1 <= round_to <= MAX_ROUND_TO:
+        raise UserError(f"--round-to {round_to}: must be from 1 to {MAX_ROUND_TO}; e.g. "
+                        "--round-to 8")
     ckpt = checkpoint.load(path)
     check_architecture(ckpt["model_args"], path)
     parent = checkpoint.build_model(ckpt, path)

@@ -211,6 +211,10 @@ def output_path(given: str | Path | None, default: Path) -> Path:
     folder = out.parent
     if out.is_dir():
         raise UserError(f"-o {out}: a folder; give a file name")
+    checkpoint.check_not_a_run_file(out)
+    if out.exists() and out.suffix != default.suffix:
+        raise UserError(f"-o {out}: exists and is not a {default.suffix} file, which this would "
+                        f"replace with one; choose a name ending {default.suffix}")
     if not folder.is_dir():
         raise UserError(f"-o {out}: no folder {folder}; create it or choose another -o")
     if not os.access(folder, os.W_OK | os.X_OK):

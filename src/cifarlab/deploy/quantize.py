@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +162,9 @@ def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
         raise UserError(f"--int8-format {int8_format}: must be one of {', '.join(INT8_FORMATS)}")
     if images < 1:
         raise UserError(f"--images {images}: must be at least 1; e.g. --images 512")
-    if not max_drop >= 0:
-        raise UserError(f"--max-drop {max_drop}: must be a number of points >= 0; e.g. 1.0")
+    if not 0 <= max_drop < math.inf:  # inf would take any int8 model, however broken
+        raise UserError(f"--max-drop {max_drop}: must be a finite number of points >= 0; "
+                        "e.g. 1.0")
     loaded = export.load(given)
     target = export.output_path(out, loaded.path.with_suffix(".int8.onnx"))
     train, val = split_of(loaded, data, data_root)

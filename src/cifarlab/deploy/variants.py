@@ -116,14 +116,8 @@ def pareto_front(accs: Sequence[float | None], costs: Sequence[float]) -> list[b
 # ------------------------------------------------------------------------------ measuring
 
 
-def check_outputs(figure: str | Path | None, report_dir: str | Path | None) -> None:
-    """Refuse outputs that cannot be written, before minutes of measuring."""
-    from cifarlab.plots import FORMATS
-
-    if figure is not None:
-        path = Path(figure)
-        if path.suffix.lower() not in FORMATS or not path.parent.is_dir():
-            raise UserError(f"-o {path}: give a .png, .svg or .pdf file in an existing folder")
+def check_report_folder(report_dir: str | Path | None) -> None:
+    """Refuse a --report folder that cannot be written, before minutes of measuring."""
     if report_dir is not None:
         folder = Path(report_dir)
         if folder.exists() and not folder.is_dir():

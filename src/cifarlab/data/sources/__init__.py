@@ -91,3 +91,11 @@ def _not_coarse(data: SourceData, coarse: bool, spec: str) -> SourceData:
                         "superclasses); this source has one set of classes; e.g. --set "
                         "data.label_set=fine, or --data cifar100")
     return data
+
+
+def named_source(source: str) -> bool:
+    """A data source named by a keyword (no path): cifar10, cifar100, synthetic[:N], or a
+    test source's auto / none."""
+    word = source.strip().lower()
+    return word in ("cifar10", "cifar100", "synthetic", "auto", "none") or word.startswith(
+        "synthetic:")
