@@ -130,6 +130,12 @@ def test_a_pruned_run_is_an_ordinary_run_folder(pruned_run, capsys):
     assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(result["test_acc"])
     report = (pruned_run / "report.md").read_text()
     assert "## Pruning" in report and f"{after['params']:,}" in report
+    # What was removed, in channels, and how noisy the latencies were.
+    kept = list(info["channels"].values())
+    removed, total = sum(b - a for b, a in kept), sum(b for b, _ in kept)
+    assert f"{removed:,} of the {total:,} channels of the pruned layers removed" in report
+    assert len(before["load_average"]) == 3 and "CPU latency, batch 1 (p90)" in report
+    assert info["latency_noisy"] == (prune.noisy(before) or prune.noisy(after))
     # Its repeat is prune's command: train --config would train the unpruned architecture.
     assert (f"`cifarlab prune {info['parent']} --target-macs 0.6 --importance magnitude "
             f"--steps 1 --round-to 2 --config {pruned_run / 'config.yaml'}") in report
@@ -304,3 +310,8 @@ def test_prune_asks_for_the_data_of_a_checkpoint_trained_on_a_path(trained_run, 
     assert main(["prune", str(path), "--ratio", "0.5", "--epochs", "1",
                  "--data", str(tmp_path / "missing")]) == 2
     assert "--data " + str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_a_latency_whose_p90_is_far_above_its_median_is_noisy():
+    assert prune.noisy({"latency_ms": 10.0, "latency_p90_ms": 84.0})  # a busy machine
+    assert not prune.noisy({"latency_ms": 10.0, "latency_p90_ms": 12.0})

@@ -297,15 +297,28 @@ def _pruning_blocks(run: Run, pruning: dict[str, Any]) -> list[Block]:
         ["CPU throughput, batch 64", f"{before['throughput']:,.0f} images/s",
          f"{after['throughput']:,.0f} images/s", ratio("throughput")],
     ], "lrrr")
+    if "latency_p90_ms" in before:
+        table.rows.insert(4, ["CPU latency, batch 1 (p90)", f"{before['latency_p90_ms']:.2f} ms",
+                              f"{after['latency_p90_ms']:.2f} ms", ratio("latency_p90_ms")])
     layers = Table(["layer", "channels before", "after"], [
         [name, str(b), str(a)] for name, (b, a) in pruning["channels"].items()], "lrr")
+    kept = [(b, a) for b, a in pruning["channels"].values()]
+    removed, total = sum(b - a for b, a in kept), sum(b for b, _ in kept)
+    loads = [s.get("load_average") for s in (before, after)]
+    load = (f" Load average (1 min) before each measurement: {loads[0][0]:.2f} and "
+            f"{loads[1][0]:.2f}." if all(loads) else "")
+    noise = (" **The latencies were noisy** (p90 over 1.5 times the median): their ratio "
+             "says little; measure again on an idle machine (`cifarlab bench`)."
+             if pruning.get("latency_noisy") else "")
     return [
         Text(f"Pruned from {pruning['parent']} by {pruning['importance']} importance in "
-             f"{pruning['steps']} step(s), channels in multiples of {pruning['round_to']}: "
-             f"{pruning['channel_ratio']:.3f} of each layer's channels removed for a target "
-             f"of {target['fraction']:g} ({target['measure']}). Latency measured in eager "
+             f"{pruning['steps']} step(s), channels in multiples of {pruning['round_to']}, "
+             f"for a target of {target['fraction']:g} ({target['measure']}): {removed:,} of "
+             f"the {total:,} channels of the pruned layers removed ({removed / max(total, 1):.1%}"
+             "; the multiples make it uneven, per layer below). Latency measured in eager "
              f"PyTorch on this machine's CPU with {pruning['threads']} thread(s); the MAC "
-             "ratio is what papers call the speed-up, the measured one may differ."),
+             f"ratio is what papers call the speed-up, the measured one may differ.{load}"
+             f"{noise}"),
         table, Details("Channels of each pruned layer", layers)]
 
 

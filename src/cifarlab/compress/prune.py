@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ log = logging.getLogger("cifarlab")
 IMPORTANCES = ("magnitude", "taylor", "bn-scale")
 MEASURES = ("macs", "params")
 MAX_STEPS = 100  # pruning rounds
+NOISY_SPREAD = 1.5  # p90 / median of batch-1 latency above which a speed-up means nothing
 MAX_ROUND_TO = 1024  # channels: no layer of the zoo is wider
 PRUNE_JSON = "prune.json"
 SEARCH_ROUNDS = 12  # bisection rounds: the fraction of channels to within 1 / 2^12
@@ -253,12 +255,20 @@ def channels(model_args: dict[str, Any], parent_args: dict[str, Any]) -> dict[st
             if len(shape) == 3 and shape[1] != before[name][1]}
 
 
-def measure_latency(model: nn.Module) -> dict[str, float]:
+def measure_latency(model: nn.Module) -> dict[str, Any]:
     """CPU latency (batch 1, median and p90, ms) and throughput (batch 64, images/s) of
-    `model` in eager PyTorch, timed as `cifarlab bench` times a checkpoint."""
+    `model` in eager PyTorch, timed as `cifarlab bench` times a checkpoint, with the load
+    average (1, 5, 15 minutes) just before."""
     from cifarlab.deploy.bench import time_module, timing_images
 
-    return asdict(time_module(model.cpu().eval(), timing_images()))
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
+    return {**asdict(time_module(model.cpu().eval(), timing_images())), "load_average": load}
+
+
+def noisy(latency: dict[str, Any]) -> bool:
+    """Whether a batch-1 latency spread too widely to compare (p90 over NOISY_SPREAD times
+    the median: other work took the CPU during the measurement)."""
+    return latency["latency_p90_ms"] > NOISY_SPREAD * latency["latency_ms"]
 
 
 def prune_run(path: str | Path, config: Config, measure: str, fraction: float,
@@ -322,6 +332,14 @@ def prune_run(path: str | Path, config: Config, measure: str, fraction: float,
         "channels": channels(pruned.model_args, ckpt["model_args"]),
         "model_args": pruned.model_args,
     }
+    summary["latency_noisy"] = noisy(summary["before"]) or noisy(summary["after"])
+    if summary["latency_noisy"]:
+        b, a = summary["before"], summary["after"]
+        log.warning(f"the CPU latencies are noisy (p90 {b['latency_p90_ms']:.1f} ms against a "
+                    f"{b['latency_ms']:.1f} ms median before pruning, {a['latency_p90_ms']:.1f} "
+                    f"against {a['latency_ms']:.1f} after; load average "
+                    f"{b['load_average'][0] if b['load_average'] else '?'}): their ratio says "
+                    "little; measure again on an idle machine with cifarlab bench")
 
     def write() -> None:
         text = json.dumps(summary, indent=2) + "\n"
