@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import cifarlab
 from cifarlab import checkpoint
@@ -195,3 +197,39 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"cifarlab {cifarlab.__version__}\n"
+
+
+def test_init_from_starts_a_new_run_from_trained_weights_and_transfers_to_other_classes(
+        run, tmp_path, capsys):
+    run_dir, _ = run
+    parent = checkpoint.load(run_dir / "best.pt")["model"]
+    folder = tmp_path / "three"  # data of 3 classes: a new classifier, the rest transferred
+    for i, name in enumerate(["a", "b", "c"]):
+        (folder / name).mkdir(parents=True)
+        for j in range(6):
+            pixels = np.full((32, 32, 3), 40 * i + 5 * j, np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{j}.png")
+    tiny = ["--epochs", "1", "--lr", "1e-12", "--workers", "0", "--batch-size", "8",
+            "--set", "optim.warmup_epochs=0", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(["train", "--init-from", str(run_dir), "--data", str(folder), *tiny,
+                 "--name", "transfer"]) == 0
+    captured = capsys.readouterr()
+    assert f"starting from the weights of {run_dir / 'best.pt'} (resnet18 width 8, 10 " \
+        "classes)" in captured.err
+    assert "a new classifier for the data's 3 classes: fc.weight, fc.bias" in captured.out
+    child = checkpoint.load(tmp_path / "transfer" / "best.pt")
+    assert child["model"]["fc.weight"].shape[0] == 3 and child["classes"] == ["a", "b", "c"]
+    for key in ("stem.0.weight", "layer4.1.conv2.weight"):  # lr 1e-12: as they started
+        assert torch.allclose(child["model"][key], parent[key], atol=1e-6)
+    assert child["model"]["layer1.0.conv1.weight"].ne(0).any()
+
+
+def test_init_from_refuses_resume_and_another_model(run, tmp_path, capsys):
+    run_dir, _ = run
+    assert main(["train", "--init-from", str(run_dir), "--resume", str(run_dir)]) == 2
+    assert "--init-from starts a new run and --resume continues one" in capsys.readouterr().err
+    assert main(["train", "--init-from", str(run_dir), "--model", "resnet20",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "its model is resnet18, not resnet20" in err and err.count("error") == 1
+    assert list(tmp_path.iterdir()) == []

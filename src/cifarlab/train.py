@@ -38,7 +38,7 @@ from cifarlab.distributed import World
 from cifarlab.errors import TrainingFailed, TrainingInterrupted, UserError
 from cifarlab.evaluate import evaluate
 from cifarlab.interrupt import StopRequest, heartbeat
-from cifarlab.models import create_model, initialise_from_data, model_args
+from cifarlab.models import create_model, model_args
 from cifarlab.report import write_report
 from cifarlab.rundir import (
     check_disk_space,
@@ -59,7 +59,7 @@ from cifarlab.training.board import Board, check_available
 from cifarlab.training.distill import Teacher, describe, load_teacher
 from cifarlab.training.optim import schedule_warning
 from cifarlab.training.pace import Pace
-from cifarlab.training.parts import Parts, build_parts, describe_run
+from cifarlab.training.parts import Parts, build_model, build_parts, describe_run
 from cifarlab.training.progress import NO_PARTIAL_EPOCH, EarlyStopping, Progress
 from cifarlab.training.ticker import Ticker
 
@@ -173,13 +173,7 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     memory.check_fits(config.model.name, len(splits.classes), config.model.width,
                       min(config.batch_size // world.size, per_rank), device)
     seed_everything(config.seed)
-    start = state or initial  # a pruned model's architecture is in its checkpoint
-    model = create_model(**(start["model_args"] if start else model_args(
-        config.model.name, len(splits.classes), config.model.width)))
-    if initial is not None:
-        model.load_state_dict(initial["model"])
-    elif state is None:  # a new model: layers set from the training images (airbench's)
-        initialise_from_data(model, splits.train.images, splits.mean, splits.std)
+    model = build_model(config, splits, state, initial, log)
     # Measured on rank 0 alone (on the CPU), so that every rank trains in the same precision.
     precision = distributed.broadcast(choose(
         config.amp, device, model, config.batch_size // world.size,

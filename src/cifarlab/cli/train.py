@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cifarlab import config as cfg
-from cifarlab.cli.common import add_recipe_flags, check_range, resolve_config
+from cifarlab.cli.common import add_recipe_flags, check_range, checkpoint_file, resolve_config, sets
 from cifarlab.errors import UserError
 
 
@@ -26,6 +26,10 @@ def add_commands(commands: Any) -> None:
                        help="train on N GPUs through torchrun (with --device cpu: N processes)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a run from its last.pt, exactly where it stopped")
+    train.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="a new run that starts from a trained checkpoint's weights (or a "
+                            "run folder's best.pt), with its own schedule: fine-tuning; data "
+                            "of another number of classes gets a new classifier")
     train.add_argument("--allow-changes", action="store_true",
                        help="with --resume: accept settings that differ from the run's")
     train.add_argument("--print-config", action="store_true",
@@ -93,6 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab.train import fit  # torch-heavy imports only for the commands that need them
 
     config = resume_config(args) if args.resume else resolve_config(args)
+    initial = None
+    if args.init_from:
+        config, initial = init_from(args, config)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
@@ -102,6 +109,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_same_teacher(args.resume, config.distill.teacher)
     if args.gpus is not None:
         launch_torchrun(args, config, args.argv)
-    fit(config, resume=args.resume)
+    fit(config, resume=args.resume, initial=initial)
     return 0
+
+
+def init_from(args: argparse.Namespace, config: cfg.Config) -> tuple[cfg.Config, dict]:
+    """The settings and starting weights of `train --init-from`: the checkpoint's
+    architecture (a pruned one's too), its model named in the settings."""
+    from cifarlab import checkpoint
+
+    if args.resume:
+        raise UserError("--init-from starts a new run and --resume continues one; give one")
+    path = checkpoint_file(args.init_from)
+    ckpt = checkpoint.load(path)
+    checkpoint.build_model(ckpt, path)  # its architecture arguments checked, as any model's
+    name = ckpt["model_args"]["name"]
+    if sets(args, "model.name") and config.model.name != name:
+        raise UserError(f"--init-from {args.init_from}: its model is {name}, not "
+                        f"{config.model.name}; drop --model, or start from a "
+                        f"{config.model.name} checkpoint")
+    width = ckpt["model_args"].get("width", config.model.width)
+    print(f"starting from the weights of {path} ({name} width {width}, "
+          f"{len(ckpt['classes'])} classes)", file=sys.stderr)
+    config = cfg.apply_dict(config, {"model": {"name": name, "width": width}})
+    return config, {"model_args": ckpt["model_args"], "model": ckpt["model"]}
 

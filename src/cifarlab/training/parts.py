@@ -5,10 +5,12 @@ and the one line that describes it all at the start of the run."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from cifarlab.data.resident import ResidentLoader, build_resident_loader
 from cifarlab.data.splits import Splits
 from cifarlab.devices import Precision, compiled, memory_format
 from cifarlab.distributed import World
+from cifarlab.models import create_model, initialise_from_data, model_args
 from cifarlab.step import TrainStep
 from cifarlab.training.distill import DistillLoss, Teacher
 from cifarlab.training.ema import ModelEma
@@ -78,6 +81,31 @@ def make_loader(
         pin_memory=device.type == "cuda",
         **common,
     )
+
+
+def build_model(config: Config, splits: Splits, state: dict[str, Any] | None,
+                initial: dict[str, Any] | None, log: logging.Logger) -> nn.Module:
+    """The model a run starts from: the architecture of its last.pt (`state`) or of the
+    checkpoint it starts from (`initial`, a pruned one's included), else config.model's.
+    `initial`'s weights are loaded; where the data has another number of classes (transfer,
+    e.g. CIFAR-10 to CIFAR-100) the classifier is new and starts from its initialisation. A
+    new model has its data-set layers set from the training images (airbench's whitening)."""
+    start = state or initial
+    args = dict(start["model_args"]) if start else model_args(
+        config.model.name, len(splits.classes), config.model.width)
+    if initial is not None:
+        args["num_classes"] = len(splits.classes)
+    model = create_model(**args)
+    if initial is not None:
+        own = model.state_dict()
+        fresh = [k for k, v in initial["model"].items() if k in own and own[k].shape != v.shape]
+        model.load_state_dict({**initial["model"], **{k: own[k] for k in fresh}})
+        if fresh:
+            log.info(f"a new classifier for the data's {len(splits.classes)} classes: "
+                     f"{', '.join(fresh)} start from their initialisation")
+    elif state is None:
+        initialise_from_data(model, splits.train.images, splits.mean, splits.std)
+    return model
 
 
 def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.device,
