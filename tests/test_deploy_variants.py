@@ -200,7 +200,7 @@ def other_classes(trained_run, tmp_path_factory):
     ("bad figure", "give a .png, .svg or .pdf file"),
     ("report is a file", "a file, not a folder"),
     ("json without --variants", "--json is for --variants only"),
-    ("threads", "--threads 0: must be at least 1"),
+    ("threads", "--threads 0: must be from 1 to 1024"),
 ])
 def test_bad_input_is_one_line_before_measuring(models, other_classes, tmp_path, capsys,
                                                 monkeypatch, case, message):
