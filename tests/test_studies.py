@@ -360,3 +360,27 @@ def test_open_study_reads_the_journal(tmp_path):
 
     loaded = open_study(out, load_study(spec), create=False)
     assert loaded.best_trial.user_attrs["run"] == "seed=0"
+
+
+def test_sweep_flags_set_the_data_of_every_trial_and_reach_each_worker(tmp_path):
+    from cifarlab.studies.workers import worker_command
+
+    out = tmp_path / "study"
+    spec = write_study(tmp_path / "d.yaml", space={"optim.label_smoothing": [0.0]})
+    assert main(["sweep", str(spec), "--out", str(out), "--data", "synthetic:300",
+                 "--limit", "120", "--test-data", "synthetic:40"]) == 0
+    (name,) = run_folders(out)
+    data = yaml.safe_load((out / name / "config.yaml").read_text())["data"]
+    assert (data["source"], data["limit"], data["test_source"]) == (
+        "synthetic:300", 120, "synthetic:40")
+    cmd = worker_command(spec, out, 1, {"data.limit": 120, "data.test_source": "x"}, None)
+    assert cmd[-4:] == ["--limit", "120", "--test-data", "x"]
+
+
+def test_a_sweep_limit_below_one_is_refused_before_any_trial(tmp_path, capsys):
+    out = tmp_path / "study"
+    spec = write_study(tmp_path / "d.yaml")
+    assert main(["sweep", str(spec), "--out", str(out), "--limit", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifarlab: error: ") and "data.limit" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -1,7 +1,8 @@
 """The commands of studies of settings on Optuna: sweep runs (or continues) one, study
 summarises one, ablate writes, runs and summarises the study of the seed's enhancements.
 
-    cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC] [--workers K] [--storage URL]
+    cifarlab sweep     STUDY.yaml [--out DIR] [--data SPEC] [--limit N] [--test-data SPEC]
+                       [--workers K] [--storage URL]
     cifarlab study     STUDY_DIR [--storage URL]
     cifarlab ablate    [--seeds N] [--variants A,B] [--out DIR] [--data SPEC] [--epochs N]
                        [--limit N] [--device D] [--set KEY=VALUE ...] [--workers K] [--storage URL]
@@ -29,6 +30,10 @@ def add_commands(commands: Any) -> None:
                        help="the study folder (default runs/<study file name>)")
     sweep.add_argument("--data", metavar="SPEC", help="training images for every trial "
                        "[data.source]")
+    sweep.add_argument("--limit", type=int, metavar="N", help="use only N training images "
+                       "in every trial [data.limit]")
+    sweep.add_argument("--test-data", metavar="SPEC", help="test images for every trial "
+                       "[data.test_source]")
     sweep.add_argument("--workers", type=int, metavar="K", help="trials at a time on this "
                        "machine (one GPU each where there are K, else a share of the CPU)")
     sweep.add_argument("--storage", metavar="URL", help="a PostgreSQL or MySQL database "
@@ -67,10 +72,13 @@ def add_commands(commands: Any) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cifarlab.studies.sweep import sweep
+    from cifarlab.studies.workers import SWEEP_FLAGS
 
     check_range("--workers", args.workers, 1, 1024, 4)
-    sweep(args.study, out=args.out, data_source=args.data, workers=args.workers or 1,
-          storage=args.storage, worker=args.worker)
+    given = {key: getattr(args, flag.lstrip("-").replace("-", "_"))
+             for key, flag in SWEEP_FLAGS.items()}
+    sweep(args.study, out=args.out, overrides={k: v for k, v in given.items() if v is not None},
+          workers=args.workers or 1, storage=args.storage, worker=args.worker)
     return 0
 
 

@@ -138,13 +138,14 @@ class Study:
         return {k: v for k, v in self.to_dict().items() if k != "trials"}
 
 
-def load_study(path: str | Path, data_source: str | None = None) -> Study:
-    """Read and check a study file; `data_source` (--data) sets data.source for every trial."""
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Study:
+    """Read and check a study file; `overrides` (sweep's --data, --limit, --test-data) set
+    those settings for every trial."""
     where = str(path)
     raw = cfg.load_yaml(path, where=where)
     study = parse_study(raw, where)
-    if data_source is not None:
-        study = replace(study, settings={**study.settings, "data.source": data_source})
+    if overrides:
+        study = replace(study, settings={**study.settings, **overrides})
         check_study(study, where)
     return study
 

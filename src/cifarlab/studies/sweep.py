@@ -183,15 +183,16 @@ def check_folder(folder: Path, study: Study, where: str) -> None:
 
 
 def sweep(study_file: str | Path, out: str | Path | None = None,
-          data_source: str | None = None, *, workers: int = 1, storage: str | None = None,
-          worker: int | None = None) -> Path:
+          overrides: dict[str, Any] | None = None, *, workers: int = 1,
+          storage: str | None = None, worker: int | None = None) -> Path:
     """Run (or continue) the study in `study_file` with `workers` trials at a time; return
-    the study folder. `storage`: a database URL (many machines) instead of the journal;
-    `worker`: this process is worker number `worker` of a sweep with several."""
+    the study folder. `overrides`: settings for every trial (workers.SWEEP_FLAGS);
+    `storage`: a database URL (many machines) instead of the journal; `worker`: this
+    process is worker number `worker` of a sweep with several."""
     from cifarlab.studies.storage import require_optuna
 
     require_optuna("cifarlab sweep")
-    study = load_study(study_file, data_source)
+    study = load_study(study_file, overrides)
     folder = Path(out) if out is not None else Path("runs") / Path(study_file).stem
     if worker is not None:
         if "OMP_NUM_THREADS" in os.environ:  # its share of the CPU's threads
@@ -222,7 +223,7 @@ def sweep(study_file: str | Path, out: str | Path | None = None,
             if workers == 1:
                 work(optuna_study, study, folder)
             else:
-                run_workers(optuna_study, study, folder, workers, study_file, data_source,
+                run_workers(optuna_study, study, folder, workers, study_file, overrides or {},
                             storage)
     log.info(f"study {folder}: {count_finished(optuna_study)} of {study.budget()} trials "
              f"finished; summary: cifarlab study {folder}")

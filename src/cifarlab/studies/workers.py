@@ -246,19 +246,24 @@ def stop_with_parent() -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def worker_command(study_file: Any, folder: Path, index: int, data_source: str | None,
+# The settings sweep's flags set for every trial, and the flags; a worker gets them again.
+SWEEP_FLAGS = {"data.source": "--data", "data.limit": "--limit",
+               "data.test_source": "--test-data"}
+
+
+def worker_command(study_file: Any, folder: Path, index: int, overrides: dict[str, Any],
                    storage: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "cifarlab", "sweep", str(study_file), "--out", str(folder),
            "--worker", str(index)]
-    if data_source is not None:
-        cmd += ["--data", data_source]
+    for key, value in overrides.items():
+        cmd += [SWEEP_FLAGS[key], str(value)]
     if storage is not None:
         cmd += ["--storage", storage]
     return cmd
 
 
 def run_workers(optuna_study: Any, study: Any, folder: Path, workers: int, study_file: Any,
-                data_source: str | None, storage: str | None) -> None:
+                overrides: dict[str, Any], storage: str | None) -> None:
     """Start `workers` worker processes and wait for them; pass a signal on to each."""
     import subprocess
 
@@ -277,7 +282,7 @@ def run_workers(optuna_study: Any, study: Any, folder: Path, workers: int, study
         for i, env in enumerate(placement(workers)):
             # Its own session: Ctrl-C reaches the workers once, through this process.
             procs.append(subprocess.Popen(
-                worker_command(study_file, folder, i, data_source, storage),
+                worker_command(study_file, folder, i, overrides, storage),
                 env={**os.environ, **env}, start_new_session=True,
                 preexec_fn=stop_with_parent))
         log.info(f"study {folder}: {workers} workers, pids "
