@@ -79,6 +79,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "optim.bias_lr_scale": (["0", "-1", "10001"], ["0.001", "64", "10000"]),
     "optim.head_lr_scale": (["0", "-1", "10001"], ["0.001", "1", "10000"]),
     "optim.clip_grad_norm": (["-1", "1e7"], ["0", "0.5", "1e6"]),
+    "optim.accumulate": (["0", "-1", "1025", "1.5"], ["1", "4", "128"]),
     "optim.whiten_bias_epochs": (["-1", "1e7"], ["0", "3", "1000000"]),
     "mix.mixup_alpha": (["-0.1", "101", "1e9"], ["0", "0.2", "100"]),
     "mix.cutmix_alpha": (["-0.1", "101"], ["0", "1", "100"]),

@@ -132,6 +132,10 @@ def test_validate_names_the_rule_and_a_valid_value():
         cfg.apply_dict(seed(), {"optim": {"momentum": float("nan")}}).validate()
     with pytest.raises(UserError, match="nesterov=true needs optim.momentum > 0"):
         cfg.apply_dict(seed(), {"optim": {"momentum": 0.0, "nesterov": True}}).validate()
+    with pytest.raises(UserError, match=r"optim.accumulate=64 splits each batch .* at most "
+                                        r"batch_size \(32\); e.g. --set optim.accumulate=8"):
+        cfg.apply_dict(seed(), {"optim": {"accumulate": 64}, "batch_size": 32}
+                       ).validate()
     with pytest.raises(UserError, match="leaves no validation images"):
         cfg.apply_dict(seed(), {"data": {"limit": 20, "val_fraction": 0.01}}).validate()
     for make in (seed, baseline, fast):

@@ -416,3 +416,29 @@ def test_compiled_cpu_steps_keep_nchw_and_correct_gradients_on_avx2_kernels():
                                "a compiled step")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.split()[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft-targets"])
+def test_accumulated_pieces_give_the_whole_batchs_step(soft):
+    """optim.accumulate: the batch in pieces (10 images in 3: 4, 3, 3) gives the step of the
+    whole batch, loss and logits included, in float64 and without BatchNorm."""
+    def one_step(accumulate):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 16, 5)).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        criterion = SoftTargetCrossEntropy() if soft else nn.CrossEntropyLoss()
+        step = TrainStep(model, criterion, optimizer, scaler, scheduler, None,
+                         clip_grad_norm=0.05, accumulate=accumulate)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(10, 3, 4, 4, generator=g, dtype=torch.float64)
+        y = (torch.softmax(torch.randn(10, 5, generator=g, dtype=torch.float64), 1) if soft
+             else torch.arange(10) % 5)
+        loss, logits = step(x, y)
+        return loss, logits, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    whole, pieces = one_step(1), one_step(3)
+    for a, b in zip(whole, pieces, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

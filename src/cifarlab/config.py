@@ -104,6 +104,10 @@ class OptimConfig:
     whiten_bias_epochs: float = 3.0
     # Largest L2 norm of all gradients together, clipped to it before each step (0: off).
     clip_grad_norm: float = 0.0
+    # Micro-batches per batch: each batch of batch_size images goes through forward and backward
+    # in this many pieces and the gradients add up to one step (training/step.py). The
+    # schedule, learning rate and results per batch are unchanged; BatchNorm sees the pieces.
+    accumulate: int = 1
 
 
 @dataclass

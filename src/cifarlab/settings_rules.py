@@ -227,6 +227,7 @@ RULES: dict[str, Rule] = {
     "optim.bias_lr_scale": number(0, 10_000, lo_open=True, what="a learning-rate factor"),
     "optim.head_lr_scale": number(0, 10_000, lo_open=True, what="a learning-rate factor"),
     "optim.clip_grad_norm": number(0, 1e6, what="a gradient norm (0: no clipping)"),
+    "optim.accumulate": integer(1, 1024, what="a number of micro-batches per batch"),
     "optim.whiten_bias_epochs": number(0, MAX_COUNT, what="a number of epochs"),
     "mix.mixup_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
     "mix.cutmix_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
@@ -285,6 +286,10 @@ CROSS_RULES: list[typing.Callable[[Any], str | None]] = [
         "sync_batchnorm=true needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU version); "
         "e.g. --set sync_batchnorm=false"),
     _limit_leaves_validation,
+    lambda c: None if c.optim.accumulate <= c.batch_size else (
+        f"optim.accumulate={c.optim.accumulate} splits each batch into that many pieces, so it "
+        f"must be at most batch_size ({c.batch_size}); e.g. --set "
+        f"optim.accumulate={max(1, c.batch_size // 4)}"),
     lambda c: None if c.data.augment.flip_mode == "random" or c.data.loader != "torchvision"
     else ("data.augment.flip_mode=alternate needs the resident loader (it follows each image "
           "across epochs); e.g. --loader resident, or --set data.augment.flip_mode=random"),

@@ -9,6 +9,7 @@ GPU.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class TrainStep:
     ema: ModelEma | None = None  # updated after every optimizer step
     teacher: nn.Module | None = None  # never steps; not wrapped in DDP, not compiled
     clip_grad_norm: float = 0.0  # the gradients' largest L2 norm, all together; 0: off
+    accumulate: int = 1  # forward and backward passes per step, each on a piece of the batch
 
     def __post_init__(self) -> None:
         self.cpu_layout = memory_format("cpu", self.model)
@@ -54,17 +56,25 @@ class TrainStep:
         # Every backward pass goes through here: whatever the caller's layout, the one for
         # this model and device (memory_format; a no-op when the batch has it already).
         x = x.contiguous(memory_format=torch.channels_last if x.is_cuda else self.cpu_layout)
-        amp = self.amp_dtype is not None
-        with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=amp):
-            logits = self.model(x)
-            if self.teacher is None:
-                loss = self.criterion(logits, y)
-            else:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(x)
-                loss = self.criterion(logits, teacher_logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        # Gradient accumulation: the batch in `accumulate` pieces, each piece's mean loss
+        # weighted by its share of the batch, so the gradients add up to the whole batch's
+        # (exactly so without BatchNorm, which normalises each piece by its own statistics).
+        pieces = [(px, py) for px, py in zip(x.tensor_split(self.accumulate),
+                                             y.tensor_split(self.accumulate), strict=True)
+                  if len(px)]
+        losses, logits = [], []
+        for i, (px, py) in enumerate(pieces):
+            # DDP all-reduces the gradients once, at the last piece.
+            last = i == len(pieces) - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss, out = self._forward(px, py)
+                if len(pieces) > 1:
+                    loss = loss * (len(px) / len(x))
+                self.scaler.scale(loss).backward()
+            losses.append(loss.detach())
+            logits.append(out.detach())
         if self.clip_grad_norm:
             # The norm of the true gradients: fp16's scaled ones are divided back first (the
             # scaler then knows not to do it again). The norm stays on the device: no wait.
@@ -78,7 +88,20 @@ class TrainStep:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
-        return loss.detach(), logits.detach()
+        if len(pieces) == 1:
+            return losses[0], logits[0]
+        return torch.stack(losses).sum(), torch.cat(logits)
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and logits of one (micro-)batch, under the step's autocast."""
+        amp = self.amp_dtype is not None
+        with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=amp):
+            logits = self.model(x)
+            if self.teacher is None:
+                return self.criterion(logits, y), logits
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+            return self.criterion(logits, teacher_logits, y), logits
 
 
 @dataclass

@@ -134,7 +134,7 @@ def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.
     step = TrainStep(compiled(train_model, config.compile, device), train_loss, optimizer,
                      scaler, scheduler, amp_dtype, ema,
                      teacher.model if teacher is not None else None,
-                     config.optim.clip_grad_norm)
+                     config.optim.clip_grad_norm, config.optim.accumulate)
     return Parts(model, train_model, step,
                  nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
                  mixer or no_mixing, ema, lr_at, loader, sampler, layout, teacher)
@@ -159,6 +159,8 @@ def describe_run(config: Config, splits: Splits, model: nn.Module, device: torch
         f"{len(splits.train.labels):,} train / {len(splits.val.labels):,} val / "
         f"{len(splits.test.labels) if splits.test else 0:,} test images, "
         f"{len(splits.classes)} classes; {optim.name}{' nesterov' if optim.nesterov else ''} "
-        f"lr {optim.lr:g}, {optim.schedule} schedule, {mixing}, {ema}{distilled}; the best "
+        f"lr {optim.lr:g}, {optim.schedule} schedule, batch {config.batch_size}"
+        f"{f' in {optim.accumulate} pieces' if optim.accumulate > 1 else ''}, "
+        f"{mixing}, {ema}{distilled}; the best "
         f"checkpoint is chosen on the validation accuracy of the {chosen}"
     )
