@@ -15,19 +15,25 @@ CLASSES = [f"class{i}" for i in range(10)]
 
 def write_run(folder: Path, epochs: int, *, preset: str = "seed", finished: bool = True,
               test: bool = True, best_epoch: int | None = None, max_epochs: int | None = None,
-              shift: float = 0.0) -> Path:
+              shift: float = 0.0, lr: float | None = None, settings: dict | None = None,
+              seconds: list[float] | None = None) -> Path:
     """A run folder as train leaves it, with made-up numbers: val_acc rises to its best at
-    `best_epoch` (default: the last epoch), then falls. Unfinished runs have no result.json."""
+    `best_epoch` (default: the last epoch), then falls. Unfinished runs have no result.json.
+    `lr`: a constant learning rate instead of a falling one; `settings`: more settings of
+    the run's config.yaml; `seconds`: each epoch's time (default 3 s)."""
     best_epoch = best_epoch or epochs
     folder.mkdir(parents=True)
     config = apply_dict(get_preset(preset), {"epochs": max_epochs or epochs, "name": folder.name,
-                                             "data": {"source": "synthetic"}})
+                                             "data": {"source": "synthetic"},
+                                             **(settings or {})})
     (folder / "config.yaml").write_text(config.to_yaml())
     rows = []
     for e in range(1, epochs + 1):
         val = 40 + shift + 50 * min(e, best_epoch) / best_epoch - 2 * max(0, e - best_epoch)
-        rows.append({"epoch": e, "lr": 0.1 * (1 - e / (epochs + 1)), "train_loss": 2.3 / e,
-                     "train_acc": val - 5, "val_loss": 2.0 / e, "val_acc": val, "seconds": 3.0})
+        rows.append({"epoch": e, "lr": 0.1 * (1 - e / (epochs + 1)) if lr is None else lr,
+                     "train_loss": 2.3 / e,
+                     "train_acc": val - 5, "val_loss": 2.0 / e, "val_acc": val,
+                     "seconds": seconds[e - 1] if seconds else 3.0})
     with (folder / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()

@@ -58,7 +58,7 @@ def test_runs_of_different_lengths_and_an_unfinished_one(tmp_path):
                       write_run(tmp_path / "c", 7, finished=False)])
     fig = plots.curves_figure(runs)
     val_ax = fig.axes[3]
-    assert val_ax.get_xlim() == (0.5, 40.5)
+    assert val_ax.get_xlim() == (1 - 1.6, 40 + 1.6)  # room for the best epoch's star
     labels = [t.get_text() for t in val_ax.get_legend().get_texts()]
     assert labels[0].startswith("a: best 90.00 % (epoch 3), test 80.00 %")
     assert labels[2] == "c: best 90.00 % (epoch 7)"  # unfinished: no test accuracy

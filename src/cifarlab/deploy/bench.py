@@ -285,23 +285,39 @@ def bench(models: Sequence[str], threads: int | None = None, data: str | None = 
     return result
 
 
+# The accuracy axis of bench.png spans at least this many points, so that a few images of
+# difference between two files (int8 against float32) does not look like a collapse.
+MIN_ACC_SPAN = 10.0
+
+
 def figure(result: BenchResult) -> Any:
-    """Accuracy against batch-1 latency, one point per model and runtime."""
-    import matplotlib
+    """Accuracy against batch-1 latency, one numbered point per model and runtime, and a key
+    below naming each number; latency from 0 and accuracy over at least MIN_ACC_SPAN."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cifarlab.plots import label_points
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result.rows:
-        y = r.acc if r.acc is not None else 0.0
-        ax.scatter(r.latency_ms, y, s=40)
-        ax.annotate(f"{Path(r.model).name}\n{r.runtime}", (r.latency_ms, y), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    scored = [r.acc for r in result.rows if r.acc is not None]
+    points = [(r.latency_ms, r.acc if r.acc is not None else 0.0) for r in result.rows]
+    ax.scatter([x for x, _ in points], [y for _, y in points], s=45, color="tab:blue",
+               zorder=3)
     ax.set_xlabel(f"batch-1 latency, median (ms, {result.header.threads} threads)")
-    ax.set_ylabel("accuracy (%)" if any(r.acc is not None for r in result.rows)
-                  else "accuracy (no --data given)")
-    ax.set_title(result.header.cpu, fontsize=9)
+    ax.set_ylabel("accuracy (%)" if scored else "accuracy (no --data given)")
+    ax.set_title(result.header.cpu, fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    ax.set_xlim(0, max((x for x, _ in points), default=1.0) * 1.25 or 1.0)
+    lo, hi = (min(scored), max(scored)) if scored else (0.0, 0.0)
+    pad = max(0.15 * (hi - lo), (MIN_ACC_SPAN - (hi - lo)) / 2)
+    ax.set_ylim(max(-5.0, lo - pad), min(105.0, hi + pad))
+    fig.legend([Line2D([], [], linestyle="none")] * len(result.rows),
+               [f"{i + 1}: {r.model} ({r.runtime})" for i, r in enumerate(result.rows)],
+               loc="outside lower center", ncol=1 if len(result.rows) < 4 else 2, fontsize=9,
+               frameon=False, handlelength=0, handletextpad=0)
+    at: dict[tuple[float, float], list[str]] = {}  # one spot, one label
+    for i, xy in enumerate(points):
+        at.setdefault(xy, []).append(str(i + 1))
+    label_points(ax, list(at), [",".join(n) for n in at.values()], marker_radius=4.0)
     return fig

@@ -296,13 +296,20 @@ def text(result: VariantsResult, markdown: bool = False) -> str:
 
 def figure(result: VariantsResult) -> Any:
     """2x2: validation accuracy against MACs, parameters, file size and latency; the Pareto
-    front of each as a step line (the best accuracy at that cost or less), points labelled."""
+    front of each as a step line (the best accuracy at that cost or less). Points carry the
+    variant's number (variants drawn on one spot share a label); the key below the panels
+    names each number, beside the runtimes' colours, clear of the data."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from cifarlab.plots import label_points
 
     fig = Figure(figsize=FIGURE_SIZE, layout="constrained")
     scored = [v for v in result.variants if v.val_acc is not None]
+    number = {id(v): i + 1 for i, v in enumerate(result.variants)}
     threads = result.header.threads
-    for ax, cost in zip(fig.subplots(2, 2).ravel(), COSTS, strict=True):
+    axes = fig.subplots(2, 2).ravel()
+    for ax, cost in zip(axes, COSTS, strict=True):
         ax.set_xlabel(cost.label + (f", {threads} thread{'s' * (threads != 1)}"
                                     if cost.key == "latency" else ""))
         ax.set_ylabel("validation accuracy (%)")
@@ -312,28 +319,38 @@ def figure(result: VariantsResult) -> Any:
             ax.text(0.5, 0.5, "no accuracy: give --data", ha="center", va="center",
                     transform=ax.transAxes)
             continue
-        for runtime, color in RUNTIME_COLORS.items():
+        for runtime in sorted({v.runtime for v in scored}):
             points = [v for v in scored if v.runtime == runtime]
-            if points:
-                ax.scatter([cost.of(v) for v in points], [v.val_acc for v in points], s=45,
-                           color=color, label=runtime, zorder=3)
+            ax.scatter([cost.of(v) for v in points], [v.val_acc for v in points], s=45,
+                       color=RUNTIME_COLORS.get(runtime, "tab:gray"), zorder=3)
         front = sorted((cost.of(v), v.val_acc) for v in scored if v.pareto[cost.key])
         ax.scatter([x for x, _ in front], [y for _, y in front], s=130, facecolors="none",
-                   edgecolors="black", linewidths=1.2, label="on the Pareto front", zorder=4)
+                   edgecolors="black", linewidths=1.2, zorder=4)
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="0.35",
                 linewidth=1.3, zorder=2)
-        at: dict[tuple[float, float], list[str]] = {}  # variants drawn on one spot share a label
-        for v in scored:
-            at.setdefault((cost.of(v), v.val_acc), []).append(v.label)
-        for (x, y), names in at.items():
-            ax.annotate(", ".join(names), (x, y), fontsize=8, xytext=(5, 5),
-                        textcoords="offset points")
         values = [cost.of(v) for v in scored]
         if min(values) > 0 and max(values) / min(values) > 20:  # orders of magnitude apart
             ax.set_xscale("log")
-        ax.margins(x=0.2, y=0.15)  # room for the labels
-        ax.legend(fontsize=8, loc="lower right")
+        ax.margins(x=0.15, y=0.2)  # room for the labels inside the axes
     fig.suptitle(f"Variants: accuracy against cost; {result.header.cpu}", fontsize=12)
+    if scored:  # the key first: the panels' final places decide where labels fit
+        runtimes = sorted({v.runtime for v in scored})
+        handles = [Line2D([], [], linestyle="none", marker="o", markersize=7,
+                          color=RUNTIME_COLORS.get(r, "tab:gray")) for r in runtimes]
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=11,
+                              markerfacecolor="none", markeredgecolor="black"))
+        labels = [*runtimes, "on the Pareto front"]
+        for v in result.variants:
+            handles.append(Line2D([], [], linestyle="none"))
+            labels.append(f"{number[id(v)]}: {v.label}"
+                          + (" (no accuracy: not drawn)" if v.val_acc is None else ""))
+        fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=9,
+                   frameon=False, handletextpad=0.4, columnspacing=2.0)
+        for ax, cost in zip(axes, COSTS, strict=True):
+            at: dict[tuple[float, float], list[str]] = {}  # one spot, one label
+            for v in scored:
+                at.setdefault((cost.of(v), v.val_acc), []).append(str(number[id(v)]))
+            label_points(ax, list(at), [",".join(n) for n in at.values()])
     return fig
 
 

@@ -48,6 +48,7 @@ SUMMARY_HTML = "study.html"
 ABLATION_PNG = "ablation.png"
 BASELINE = "baseline"  # the variant an ablation compares every other one with
 NONE = "-"
+PERCENT = (0.0, 100.0)  # an accuracy's bounds: its confidence intervals are cut to them
 
 
 @dataclass
@@ -130,7 +131,7 @@ def _described(values: list[float]) -> list[str]:
     """n, mean, sd and 95 % CI of some accuracies (dashes for none)."""
     if not values:
         return ["0", NONE, NONE, NONE]
-    s = stats.summarize(values)
+    s = stats.summarize(values, bounds=PERCENT)
     return [str(s.n), f"{s.mean:.2f}", _sd(s), _ci(s)]
 
 
@@ -151,7 +152,7 @@ def points_blocks(found: list[Point]) -> list[Block]:
         if any_test:
             row += _described(p.test)
         rows.append(row)
-    b = stats.summarize(best.val)
+    b = stats.summarize(best.val, bounds=PERCENT)
     text = ("Accuracy in percent: the best validation accuracy of each run, and the test "
             "accuracy of its best checkpoint. p: Welch's t-test of the point's validation "
             "accuracy against the best point's. Points are ranked, and the best one chosen, "
@@ -230,15 +231,15 @@ def ablation_blocks(study: Study, found: list[Point]) -> tuple[list[Block], byte
     if all(p.variant != BASELINE for p in found):
         return [Text("No finished run of the baseline yet: nothing to compare with.")], None
     best = max(found, key=lambda p: stats.mean(p.val))
-    b = stats.summarize(best.val)
+    b = stats.summarize(best.val, bounds=PERCENT)
     blocks: list[Block] = [
         Text("Accuracy in percent over the seeds of each variant: mean, sample standard "
-             "deviation and the 95 % confidence interval of the mean (Student's t). "
-             "vs baseline: the variant's mean minus the baseline's, in points; Welch p: "
-             "Welch's t-test of the two; Holm p: that p adjusted by Holm's method over the "
-             "family of all variants' comparisons with the baseline (a difference is "
-             "significant at 5 % when Holm p < 0.05; a comparison without spread in either "
-             "variant has no p and is left out of the family)."),
+             "deviation and the 95 % confidence interval of the mean (Student's t, cut to "
+             "0-100 %). vs baseline: the variant's mean minus the baseline's, in points; "
+             "Welch p: Welch's t-test of the two; Holm p: that p adjusted by Holm's method "
+             "over the family of all variants' comparisons with the baseline (a difference "
+             "is significant at 5 % when Holm p < 0.05; a comparison without spread in "
+             "either variant has no p and is left out of the family)."),
         Text("Best validation accuracy of each run (selection):"),
         ablation_table(found, lambda p: p.val),
         Text(f"Best variant by mean validation accuracy: {best.variant} ({b.mean:.2f} % over "
@@ -276,25 +277,30 @@ def ablation_figure(found: list[Point]) -> Any:
         measures.append(("test", lambda p: p.test, "#dd8452"))
     figure = Figure(figsize=(max(5.0, 1.1 * len(found) + 2), 4.0), layout="constrained")
     ax = figure.add_subplot()
-    width = 0.8 / len(measures)
+    width, top = 0.8 / len(measures), 0.0
     for j, (name, measure, colour) in enumerate(measures):
         xs, means, errors = [], [], [[], []]
         for i, p in enumerate(found):
             values = measure(p)
             if not values:
                 continue
-            s = stats.summarize(values)
+            s = stats.summarize(values, bounds=PERCENT)
             xs.append(i + (j - (len(measures) - 1) / 2) * width)
             means.append(s.mean)
             errors[0].append(0.0 if s.ci_low is None else s.mean - s.ci_low)
             errors[1].append(0.0 if s.ci_high is None else s.ci_high - s.mean)
         ax.bar(xs, means, width, yerr=errors, capsize=4, color=colour, label=name)
+        top = max([top, *(m + e for m, e in zip(means, errors[1], strict=True))])
     base = next(p for p in found if p.variant == BASELINE)
-    ax.axhline(stats.mean(base.val), color="#333333", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(found)), [str(p.variant) for p in found], rotation=20)
+    ax.axhline(stats.mean(base.val), color="#333333", linestyle="--", linewidth=1,
+               label="baseline's mean validation accuracy")
+    ax.set_xticks(range(len(found)), [str(p.variant) for p in found], rotation=20,
+                  ha="right", rotation_mode="anchor")
     ax.set_ylabel("accuracy (%)")
+    top = top or 1.0  # every interval clear of the frame, a cut one at 0 too
+    ax.set_ylim(-0.03 * top, 1.08 * top)
     ax.set_title("Ablation: mean over seeds, 95 % confidence intervals")
-    ax.legend(loc="lower right")
+    figure.legend(loc="outside upper center", ncol=3, frameon=False)  # above, off the bars
     return figure
 
 
@@ -309,13 +315,23 @@ def _close(figure: Any) -> None:
 def optuna_figures(study: Study, optuna_study: Any) -> tuple[dict[str, bytes], list[str]]:
     """Optuna's optimisation history, parameter importances and parallel coordinates as
     PNG bytes by file name; a note on each that could not be drawn."""
+    import matplotlib.pyplot as plt
+
+    from cifarlab.plots import figure_bytes
+
+    try:
+        drawn, notes = draw_optuna_figures(study, optuna_study)
+        return {name: figure_bytes(figure) for name, figure in drawn.items()}, notes
+    finally:
+        plt.close("all")
+
+
+def draw_optuna_figures(study: Study, optuna_study: Any) -> tuple[dict[str, Any], list[str]]:
+    """optuna_figures' figures as matplotlib Figures (pyplot's: close them), made legible."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
-
-    from cifarlab.plots import figure_bytes
 
     notes = []
     params = list(study.axes())
@@ -330,20 +346,50 @@ def optuna_figures(study: Study, optuna_study: Any) -> tuple[dict[str, bytes], l
                        lambda: ovm.plot_parallel_coordinate(optuna_study, params=params)))
     else:
         notes.append("parallel_coordinate.png: skipped (the study varies no parameter)")
-    figures: dict[str, bytes] = {}
+    figures: dict[str, Any] = {}
     for name, draw in wanted:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = draw()
                 figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-                figures[name] = figure_bytes(figure)
+                _make_legible(name, figure)
+                figures[name] = figure
         except Exception as e:  # optuna refuses too few trials, or constant values
             first = (str(e).splitlines() or [type(e).__name__])[0]
             notes.append(f"{name}: skipped ({first})")
-        finally:
-            plt.close("all")
     return figures, notes
+
+
+def _make_legible(name: str, figure: Any) -> None:
+    """Optuna's figures as drawn are cut and hard to read (its style: grey panels, the
+    parallel lines' colour map fading to white, names cut at the edges, the colour bar
+    over the last axis's ticks). Here: white panels, a colour map without white, and room
+    for every label."""
+    from matplotlib.collections import LineCollection
+
+    figure.set_size_inches(11.0, 5.5)
+    for ax in figure.axes:
+        ax.set_facecolor("white")
+        for coll in ax.collections:
+            if isinstance(coll, LineCollection):
+                coll.set_cmap("viridis")
+    if name == "parallel_coordinate.png":
+        # optuna stacks one twin axes per parameter on the first one, and puts the colour
+        # bar just right of them; the last axis's ticks need room too.
+        for ax in figure.axes:
+            if ax.get_label() == "<colorbar>":
+                ax.set_position([0.88, 0.22, 0.018, 0.66])
+            else:
+                ax.set_position([0.1, 0.22, 0.66, 0.66])
+        panels = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
+        for ax in panels:
+            ax.grid(False)  # white grid lines cut the trials' lines
+            for label in ax.get_xticklabels():
+                label.set_rotation(0)
+                label.set_horizontalalignment("center")
+    else:
+        figure.tight_layout()
 
 
 FIGURE_CAPTIONS = {
@@ -385,6 +431,14 @@ def build_document(folder: Path, study: Study, found: list[Point], states: dict[
             sections.append(Section("Results by setting", grouped))
     if figures or notes:
         images: list[Block] = [Image(name, *FIGURE_CAPTIONS[name]) for name in figures]
+        trials = states.get("COMPLETE", 0)
+        for i, name in enumerate(figures):
+            if name == "param_importances.png":  # fANOVA from few trials is noise
+                title, caption = FIGURE_CAPTIONS[name]
+                caption += (f" From {trials} finished trial(s), {study.seeds} seed(s) per "
+                            "point" + ("; with under 20 trials they are a rough hint, not a "
+                                       "measurement." if trials < 20 else "."))
+                images[i] = Image(name, title, caption)
         skipped = [n for n in notes if ": skipped" in n]
         if skipped:
             images.append(Text("Not drawn: " + "; ".join(skipped) + "."))
