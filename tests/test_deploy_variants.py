@@ -233,3 +233,26 @@ def test_bad_input_is_one_line_before_measuring(models, other_classes, tmp_path,
     assert err.startswith("cifarlab: error: ") and message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert list(out.iterdir()) == []  # nothing written
+
+
+def test_test_data_measures_every_variants_test_accuracy(models, tmp_path, capsys,
+                                                         monkeypatch):
+    run, fp32, int8 = models
+    monkeypatch.chdir(tmp_path)
+    result = variants.compare_variants([str(run), str(fp32), str(int8)], threads=1,
+                                       test_data="synthetic:300")
+    test = variants.test_set("synthetic:300", "data", bench.open_model(str(fp32), 1))
+    assert result.test_images == len(test.labels) > 0
+    for v, path in zip(result.variants[1:], (fp32, int8), strict=True):
+        expected = runtime.evaluate_onnx(runtime.OnnxClassifier(path), test.images,
+                                         test.labels).acc
+        assert v.test_acc == pytest.approx(expected)
+    # The run's own model, measured too, not its recorded test accuracy; its export agrees.
+    assert abs(result.variants[0].test_acc - result.variants[1].test_acc) <= 100 / len(
+        test.labels)
+    assert any("measured here for every variant on synthetic:300" in line
+               for line in variants.notes(result))
+    assert variants.VariantsResult.from_json(result.to_json()) == result
+    capsys.readouterr()
+    assert main(["compare", str(run), str(run), "--test-data", "synthetic:300"]) == 2
+    assert "--test-data is for --variants only" in capsys.readouterr().err

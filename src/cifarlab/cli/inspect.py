@@ -7,7 +7,8 @@ figures and write reports; none trains or writes a model.
     cifarlab models    [--classes N] [--width W] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
     cifarlab compare   RUN_A RUN_B [RUN ...] [--markdown] [-o FILE]
-    cifarlab compare   --variants MODEL MODEL [...] [--data SPEC] [--json] [--report DIR]
+    cifarlab compare   --variants MODEL MODEL [...] [--data SPEC] [--test-data SPEC] [--json]
+                       [--report DIR]
     cifarlab report    RUN [--against RUN]
     cifarlab predict   CHECKPOINT|RUN_DIR|MODEL.onnx IMAGE [IMAGE ...] [--topk K] [--json]
 
@@ -87,6 +88,8 @@ def add_commands(commands: Any) -> None:
     variants.add_argument("--data", metavar="SPEC", help="score .onnx files on the validation "
                           "split of their run, drawn from SPEC (default: what export or "
                           "quantize recorded)")
+    variants.add_argument("--test-data", metavar="SPEC", help="measure every variant's test "
+                          "accuracy on SPEC's test split (shown, never used to choose)")
     variants.add_argument("--data-root", default="data")
     variants.add_argument("--threads", type=int, help="threads for every runtime (default: all)")
     variants.add_argument("--json", action="store_true", help="print JSON")
@@ -261,9 +264,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.variants:
         return compare_variants(args)
-    given = [f for f in ("data", "threads", "json", "report") if getattr(args, f)]
+    given = [f for f in ("data", "test_data", "threads", "json", "report") if getattr(args, f)]
     if given:
-        raise UserError(f"--{given[0]} is for --variants only; add --variants or drop it")
+        flag = given[0].replace("_", "-")
+        raise UserError(f"--{flag} is for --variants only; add --variants or drop it")
     if len(args.runs) < 2:
         raise UserError("compare needs at least two run folders; to look at one, use "
                         "cifarlab plot or cifarlab report")
@@ -286,7 +290,8 @@ def compare_variants(args: argparse.Namespace) -> int:
     output = (None if args.report and not args.output
               else figure_path(args.output, args.runs, variants.VARIANTS_PNG))
     variants.check_report_folder(args.report)
-    result = variants.compare_variants(args.runs, args.threads, args.data, args.data_root)
+    result = variants.compare_variants(args.runs, args.threads, args.data, args.data_root,
+                                       args.test_data)
     print(result.to_json() if args.json else variants.text(result, markdown=args.markdown))
     said = sys.stderr if args.json else sys.stdout
     if output is not None:

@@ -90,16 +90,19 @@ class VariantsResult:
     header: bench.Header
     variants: list[Variant]
     data: str | None  # the --data the .onnx files were scored on
+    test_data: str | None = None  # --test-data: every variant's test accuracy measured on it
+    test_images: int = 0
 
     def to_json(self) -> str:
         return json.dumps({"header": asdict(self.header), "data": self.data,
+                           "test_data": self.test_data, "test_images": self.test_images,
                            "variants": [asdict(v) for v in self.variants]}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> VariantsResult:
         raw = json.loads(text)
         return cls(bench.Header(**raw["header"]), [Variant(**v) for v in raw["variants"]],
-                   raw["data"])
+                   raw["data"], raw.get("test_data"), raw.get("test_images", 0))
 
 
 def pareto_front(accs: Sequence[float | None], costs: Sequence[float]) -> list[bool]:
@@ -191,10 +194,24 @@ def _weights_bytes(ckpt: dict[str, Any]) -> int:
     return buffer.tell()
 
 
+def test_set(spec: str, data_root: str | Path, model: bench.Opened) -> Any:
+    """--test-data: the test split of `spec` (its training images when it has no split),
+    of the variants' classes."""
+    from cifarlab.data.sources import load_source
+
+    source = load_source(spec, data_root, label_set=model.split.get("label_set", "fine"))
+    data = source.test if source.test is not None else source.train
+    if data.classes != model.classes:
+        raise UserError(f"--test-data {spec}: classes {data.classes} are not the variants' "
+                        f"{model.classes}; give test data of the same classes")
+    return data
+
+
 def compare_variants(items: Sequence[str], threads: int | None = None,
-                     data: str | None = None, data_root: str | Path = "data"
-                     ) -> VariantsResult:
-    """Open every variant and check them (classes, data) before measuring any."""
+                     data: str | None = None, data_root: str | Path = "data",
+                     test_data: str | None = None) -> VariantsResult:
+    """Open every variant and check them (classes, data) before measuring any. With
+    `test_data`, every variant's test accuracy is measured on it (shown, never used)."""
     from cifarlab.profile import model_size
 
     if len(items) < 2:
@@ -219,19 +236,23 @@ def compare_variants(items: Sequence[str], threads: int | None = None,
         if key not in scored:
             scored[key] = bench.validation_set(data, data_root, model.split, model.classes)
         to_measure.append(scored[key])
-    result = VariantsResult(bench.header(threads), [], data)
+    test = test_set(test_data, data_root, models[0]) if test_data is not None else None
+    result = VariantsResult(bench.header(threads), [], data, test_data,
+                            len(test.labels) if test is not None else 0)
     images = bench.timing_images()
-    for item, label, model, (acc, acc_from, test), val in zip(
+    for item, label, model, (acc, acc_from, test_acc), val in zip(
             items, labels, models, recorded, to_measure, strict=True):
         timing = bench.measure(model.call, images)
         if val is not None:
             acc, acc_from = bench.accuracy(model.logits, val), "measured"
+        if test is not None:
+            test_acc = bench.accuracy(model.logits, test)
         size = model_size(model.architecture or {})
         file_bytes = (model.path.stat().st_size if model.ckpt is None
                       else _weights_bytes(model.ckpt))
         result.variants.append(Variant(
             label, item, str(model.path), model.runtime, model.architecture or {}, acc,
-            acc_from, test, size.params, size.macs, file_bytes, **asdict(timing)))
+            acc_from, test_acc, size.params, size.macs, file_bytes, **asdict(timing)))
     result.header.load_average_after = list(os.getloadavg())
     mark_fronts(result.variants)
     return result
@@ -275,6 +296,9 @@ def notes(result: VariantsResult) -> list[str]:
     lines = ["val acc: validation accuracy of each variant's own seeded split ("
              + "; ".join(f"{k}: {ACC_FROM[k]}" for k in used) + "); test accuracy is shown, "
              "never used to choose."]
+    if result.test_data is not None:
+        lines.append(f"test acc: measured here for every variant on {result.test_data} "
+                     f"({result.test_images:,} images).")
     missing = [v.label for v in result.variants if v.val_acc is None]
     if missing:
         lines.append(f"No accuracy for {', '.join(missing)} (give --data to measure it); "
