@@ -4,6 +4,9 @@ are written, and nothing left behind when a check or the exporter fails."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import numpy as np
 import onnx
@@ -105,6 +108,34 @@ def test_a_failed_parity_check_leaves_no_file(best, tmp_path, capsys, monkeypatc
     # The check ran on a file that existed (in the output folder), and nothing is left.
     assert len(checked) == 2 and all(p.parent == tmp_path for p in checked)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_signal_during_export_leaves_no_file(best, tmp_path, capsys, monkeypatch, signum):
+    """A job scheduler's SIGTERM (or a closed terminal's SIGHUP) while the file is being
+    checked: the temporary file is removed, nothing else is written, 128 + the signal."""
+    checked = []
+
+    def interrupted(path, images):
+        checked.append(path)
+        assert path.exists()  # the temporary file, written and about to be checked
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("the signal was not handled")
+
+    monkeypatch.setattr(export, "onnx_logits", interrupted)
+    # As in a fresh process: the default action (which would kill it, files left behind).
+    saved = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code, stdout, err = run_cli(["export", best, "-o", tmp_path / "model.onnx"], capsys)
+        assert signal.getsignal(signum) == signal.SIG_DFL  # as main found it
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert code == 128 + signum and stdout == ""
+    assert err.strip() == (f"cifarlab: stopped by {signal.Signals(signum).name}; no file was "
+                           "left half-written")
+    assert len(checked) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_a_wrong_dynamo_graph_falls_back_to_torchscript(best, tmp_path, capsys, monkeypatch):

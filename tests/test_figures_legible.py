@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from cifarlab import plots
 from cifarlab.deploy import bench, variants
 from cifarlab.runs import read_run, read_runs
-from cifarlab.studies import summary
+from cifarlab.studies import figures, stats, summary
 from cifarlab.studies.spec import Study
 from cifarlab.studies.summary import Point
 
@@ -142,8 +142,8 @@ def test_ablation_figure_is_legible_with_a_wide_interval():
         ("label-smoothing", [43.1, 44.2, 43.8], [42.0, 43.0, 42.5]),
         ("warmup-cosine", [47.3, 48.1, 48.6], [46.0, 47.0, 46.5]),
         ("all", [13.0, 40.0], [])]]  # two seeds far apart: the t interval is wide
-    assert problems(summary.ablation_figure(found)) == []
-    wide = summary.stats.summarize([13.0, 40.0], bounds=summary.PERCENT)
+    assert problems(figures.ablation_figure(found, "baseline")) == []
+    wide = stats.summarize([13.0, 40.0], bounds=stats.PERCENT)
     assert (wide.ci_low, wide.ci_high) == (0.0, 100.0)  # cut to what an accuracy can be
     assert summary._ci(wide) == "[0.00, 100.00]"
 
@@ -170,10 +170,10 @@ def test_optuna_figures_are_legible():
     import matplotlib.pyplot as plt
 
     try:
-        figures, notes = summary.draw_optuna_figures(study, stored)
-        assert sorted(figures) == ["optimization_history.png", "parallel_coordinate.png",
+        drawn, notes = figures.draw_optuna_figures(study, stored)
+        assert sorted(drawn) == ["optimization_history.png", "parallel_coordinate.png",
                                    "param_importances.png"] and notes == []
-        for name, fig in figures.items():
+        for name, fig in drawn.items():
             assert problems(fig) == [], name
     finally:
         plt.close("all")

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+from types import FrameType
 from typing import NoReturn
 
 from cifarlab import __version__
@@ -52,15 +55,39 @@ COMMANDS = {"train": train.cmd_train, "evaluate": inspect.cmd_evaluate,
             "sweep": studies.cmd_sweep, "study": studies.cmd_study, "ablate": studies.cmd_ablate}
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a job scheduler, `timeout`, a closed terminal) outside training,
+    raised like Ctrl-C's KeyboardInterrupt, so that every `finally` runs: an export, a
+    quantize or a report being written removes its temporary files and leaves the old file
+    as it was. Training has its own handler (interrupt.StopRequest), which saves last.pt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     # Under torchrun only rank 0 tells the story; the others speak up for warnings.
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):  # not taken by a caller
+                previous[sig] = signal.signal(sig, _raise_stopped)
     try:
         args.argv = argv  # the command line as given, for re-running it under torchrun
         return COMMANDS[args.command](args)
+    except Stopped as e:
+        print(f"cifarlab: stopped by {signal.Signals(e.signum).name}; no file was left "
+              "half-written", file=sys.stderr)
+        return 128 + e.signum
     except UserError as e:
         print(f"cifarlab: error: {e}", file=sys.stderr)
         return 2
@@ -84,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({first_line}); its own log says why; the last checkpoint is kept and "
               "torchrun --max-restarts resumes from it", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def is_collective_failure(error: RuntimeError) -> bool:

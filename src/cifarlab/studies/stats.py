@@ -41,6 +41,9 @@ def sd(values: Sequence[float]) -> float | None:
     return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+PERCENT = (0.0, 100.0)  # an accuracy's bounds, for summarize(bounds=...)
+
+
 def summarize(values: Sequence[float], level: float = 0.95,
               bounds: tuple[float, float] | None = None) -> Summary:
     """n, mean, sd and the Student's t interval of the mean; with `bounds` (an accuracy's

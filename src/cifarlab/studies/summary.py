@@ -17,7 +17,6 @@ reported beside it and never chosen on.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from cifarlab.errors import UserError
 from cifarlab.runs import RESULT_FILE, read_run
 from cifarlab.settings_rules import _show
 from cifarlab.studies import stats
+from cifarlab.studies.figures import FIGURE_CAPTIONS, ablation_figure, optuna_figures
 from cifarlab.studies.spec import VARIANT, Study, parse_study
 from cifarlab.studies.sweep import JOURNAL_FILE, STUDY_FILE, open_study
 
@@ -48,7 +48,6 @@ SUMMARY_HTML = "study.html"
 ABLATION_PNG = "ablation.png"
 BASELINE = "baseline"  # the variant an ablation compares every other one with
 NONE = "-"
-PERCENT = (0.0, 100.0)  # an accuracy's bounds: its confidence intervals are cut to them
 
 
 @dataclass
@@ -131,7 +130,7 @@ def _described(values: list[float]) -> list[str]:
     """n, mean, sd and 95 % CI of some accuracies (dashes for none)."""
     if not values:
         return ["0", NONE, NONE, NONE]
-    s = stats.summarize(values, bounds=PERCENT)
+    s = stats.summarize(values, bounds=stats.PERCENT)
     return [str(s.n), f"{s.mean:.2f}", _sd(s), _ci(s)]
 
 
@@ -152,7 +151,7 @@ def points_blocks(found: list[Point]) -> list[Block]:
         if any_test:
             row += _described(p.test)
         rows.append(row)
-    b = stats.summarize(best.val, bounds=PERCENT)
+    b = stats.summarize(best.val, bounds=stats.PERCENT)
     text = ("Accuracy in percent: the best validation accuracy of each run, and the test "
             "accuracy of its best checkpoint. p: Welch's t-test of the point's validation "
             "accuracy against the best point's. Points are ranked, and the best one chosen, "
@@ -231,7 +230,7 @@ def ablation_blocks(study: Study, found: list[Point]) -> tuple[list[Block], byte
     if all(p.variant != BASELINE for p in found):
         return [Text("No finished run of the baseline yet: nothing to compare with.")], None
     best = max(found, key=lambda p: stats.mean(p.val))
-    b = stats.summarize(best.val, bounds=PERCENT)
+    b = stats.summarize(best.val, bounds=stats.PERCENT)
     blocks: list[Block] = [
         Text("Accuracy in percent over the seeds of each variant: mean, sample standard "
              "deviation and the 95 % confidence interval of the mean (Student's t, cut to "
@@ -255,154 +254,12 @@ def ablation_blocks(study: Study, found: list[Point]) -> tuple[list[Block], byte
         blocks.append(Text(f"No finished run yet of: {', '.join(missing)}."))
     from cifarlab.plots import figure_bytes
 
-    figure = ablation_figure(found)
-    png = figure_bytes(figure)
-    _close(figure)
+    png = figure_bytes(ablation_figure(found, BASELINE))
     blocks.append(Image(ABLATION_PNG, "Accuracy by variant",
                         "Mean accuracy of each variant over its seeds; the error bars span the "
                         "95 % confidence interval of the mean (none for a single seed); the "
                         "dashed line is the baseline's mean validation accuracy."))
     return blocks, png
-
-
-def ablation_figure(found: list[Point]) -> Any:
-    """Bars of mean validation (and test) accuracy per variant, 95 % CI error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    measures = [("validation", lambda p: p.val, "#4c72b0")]
-    if any(p.test for p in found):
-        measures.append(("test", lambda p: p.test, "#dd8452"))
-    figure = Figure(figsize=(max(5.0, 1.1 * len(found) + 2), 4.0), layout="constrained")
-    ax = figure.add_subplot()
-    width, top = 0.8 / len(measures), 0.0
-    for j, (name, measure, colour) in enumerate(measures):
-        xs, means, errors = [], [], [[], []]
-        for i, p in enumerate(found):
-            values = measure(p)
-            if not values:
-                continue
-            s = stats.summarize(values, bounds=PERCENT)
-            xs.append(i + (j - (len(measures) - 1) / 2) * width)
-            means.append(s.mean)
-            errors[0].append(0.0 if s.ci_low is None else s.mean - s.ci_low)
-            errors[1].append(0.0 if s.ci_high is None else s.ci_high - s.mean)
-        ax.bar(xs, means, width, yerr=errors, capsize=4, color=colour, label=name)
-        top = max([top, *(m + e for m, e in zip(means, errors[1], strict=True))])
-    base = next(p for p in found if p.variant == BASELINE)
-    ax.axhline(stats.mean(base.val), color="#333333", linestyle="--", linewidth=1,
-               label="baseline's mean validation accuracy")
-    ax.set_xticks(range(len(found)), [str(p.variant) for p in found], rotation=20,
-                  ha="right", rotation_mode="anchor")
-    ax.set_ylabel("accuracy (%)")
-    top = top or 1.0  # every interval clear of the frame, a cut one at 0 too
-    ax.set_ylim(-0.03 * top, 1.08 * top)
-    ax.set_title("Ablation: mean over seeds, 95 % confidence intervals")
-    figure.legend(loc="outside upper center", ncol=3, frameon=False)  # above, off the bars
-    return figure
-
-
-def _close(figure: Any) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-
-
-# ------------------------------------------------------------------------------ figures
-
-def optuna_figures(study: Study, optuna_study: Any) -> tuple[dict[str, bytes], list[str]]:
-    """Optuna's optimisation history, parameter importances and parallel coordinates as
-    PNG bytes by file name; a note on each that could not be drawn."""
-    import matplotlib.pyplot as plt
-
-    from cifarlab.plots import figure_bytes
-
-    try:
-        drawn, notes = draw_optuna_figures(study, optuna_study)
-        return {name: figure_bytes(figure) for name, figure in drawn.items()}, notes
-    finally:
-        plt.close("all")
-
-
-def draw_optuna_figures(study: Study, optuna_study: Any) -> tuple[dict[str, Any], list[str]]:
-    """optuna_figures' figures as matplotlib Figures (pyplot's: close them), made legible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as ovm
-
-    notes = []
-    params = list(study.axes())
-    wanted = [("optimization_history.png", lambda: ovm.plot_optimization_history(optuna_study))]
-    if len(params) >= 2:
-        wanted.append(("param_importances.png",
-                       lambda: ovm.plot_param_importances(optuna_study, params=params)))
-    else:
-        notes.append("param_importances.png: skipped (needs two or more parameters)")
-    if params:
-        wanted.append(("parallel_coordinate.png",
-                       lambda: ovm.plot_parallel_coordinate(optuna_study, params=params)))
-    else:
-        notes.append("parallel_coordinate.png: skipped (the study varies no parameter)")
-    figures: dict[str, Any] = {}
-    for name, draw in wanted:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = draw()
-                figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-                _make_legible(name, figure)
-                figures[name] = figure
-        except Exception as e:  # optuna refuses too few trials, or constant values
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            notes.append(f"{name}: skipped ({first})")
-    return figures, notes
-
-
-def _make_legible(name: str, figure: Any) -> None:
-    """Optuna's figures as drawn are cut and hard to read (its style: grey panels, the
-    parallel lines' colour map fading to white, names cut at the edges, the colour bar
-    over the last axis's ticks). Here: white panels, a colour map without white, and room
-    for every label."""
-    from matplotlib.collections import LineCollection
-
-    figure.set_size_inches(11.0, 5.5)
-    for ax in figure.axes:
-        ax.set_facecolor("white")
-        for coll in ax.collections:
-            if isinstance(coll, LineCollection):
-                coll.set_cmap("viridis")
-    if name == "parallel_coordinate.png":
-        # optuna stacks one twin axes per parameter on the first one, and puts the colour
-        # bar just right of them; the last axis's ticks need room too.
-        for ax in figure.axes:
-            if ax.get_label() == "<colorbar>":
-                ax.set_position([0.88, 0.22, 0.018, 0.66])
-            else:
-                ax.set_position([0.1, 0.22, 0.66, 0.66])
-        panels = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
-        for ax in panels:
-            ax.grid(False)  # white grid lines cut the trials' lines
-            for label in ax.get_xticklabels():
-                label.set_rotation(0)
-                label.set_horizontalalignment("center")
-    else:
-        figure.tight_layout()
-
-
-FIGURE_CAPTIONS = {
-    "optimization_history.png": ("Optimisation history",
-                                 "Optuna's optimisation history: each trial's best validation "
-                                 "accuracy, and the best so far."),
-    "param_importances.png": ("Parameter importances",
-                              "Optuna's parameter importances (fANOVA) for the best "
-                              "validation accuracy."),
-    "parallel_coordinate.png": ("Parallel coordinates",
-                                "Optuna's parallel coordinates: each trial's parameters and "
-                                "best validation accuracy."),
-}
 
 
 # ------------------------------------------------------------------------------ the summary
