@@ -23,6 +23,30 @@ TINY_TRAIN = ["train", "--data", "synthetic:300", "--epochs", "2", "--workers", 
 
 
 @pytest.fixture(scope="session")
+def once(tmp_path_factory):
+    """`once(name, make)`: the folder `make(folder)` fills, made by one pytest worker and
+    read by all (xdist's workers share the parent of their temporary folders), for slow
+    things that tests only read, such as an uninterrupted reference run."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+
+    def made(name, make):
+        folder, done = root / name, root / f"{name}.done"
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                folder.mkdir(exist_ok=True)
+                make(folder)
+                done.touch()
+        return folder
+
+    return made
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """2 epochs on 300 synthetic images, width 4: a few seconds on a CPU."""
     out = tmp_path_factory.mktemp("trained")
