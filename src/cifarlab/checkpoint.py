@@ -210,7 +210,9 @@ def load(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path}: a folder, not a file; give a .pt file (or, to "
                         "evaluate or predict, a run folder holding best.pt)")
     if not path.is_file():
-        raise UserError(f"checkpoint {path}: no such file")
+        raise UserError(f"checkpoint {path}: " + ("not a regular file (a FIFO, a socket or a "
+                        "device); give the checkpoint file itself" if path.exists()
+                        else "no such file"))
     try:
         reason = _sniff(path)
         ckpt = None if reason else torch.load(path, map_location="cpu", weights_only=True)

@@ -376,6 +376,9 @@ def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
     """A YAML mapping of settings; errors name the file as `where` (default `--config PATH`)."""
     path = Path(path)
     where = where or f"--config {path}"
+    if path.exists() and not path.is_file() and not path.is_dir():  # reading would block
+        raise UserError(f"{where}: not a regular file (a FIFO, a socket or a device); give "
+                        "the YAML file itself")
     try:
         data = _read_yaml(path.read_text())
     except FileNotFoundError:
@@ -387,8 +390,9 @@ def load_yaml(path: str | Path, where: str | None = None) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         reason = str(e).splitlines()[0]
         raise UserError(f"{where}: not a readable YAML file ({reason})") from None
-    if data is None:
-        return {}
+    if data is None:  # an empty file (or only comments): surely not what was meant
+        raise UserError(f"{where}: the file holds no settings; give a YAML mapping of "
+                        "settings, e.g. epochs: 10")
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping of settings at the top level")
     return data

@@ -84,7 +84,9 @@ class OnnxClassifier:
         if not isinstance(model, bytes):
             path = Path(model)
             if not path.is_file():
-                raise UserError(f"{path}: no such file")
+                raise UserError(f"{path}: " + ("not a regular file (a folder, a FIFO or a "
+                                "device); give the .onnx file itself" if path.exists()
+                                else "no such file"))
             model = str(path)
         try:
             self.session = ort.InferenceSession(model, session_options(threads),

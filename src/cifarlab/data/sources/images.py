@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import stat
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -71,7 +72,10 @@ def decode_image(name: str, data: bytes) -> PILImage:
 
     try:
         # No `with`: the bytes are in memory, and closing the file would free the pixels.
-        im = Image.open(io.BytesIO(data), formats=_formats())
+        # Pillow's decompression-bomb warning is left out: check_pixels says it in one line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=_formats())
         check_pixels(name, *im.size)  # from the header, before the pixels are decoded
         im.load()
         return _to_rgb(im)
