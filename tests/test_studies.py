@@ -276,6 +276,10 @@ BAD = [
     ({"space": {"seed": [0, 1]}}, "seeds: N"),
     ({"seeds": 0}, "seeds must be an integer"),
     ({"sampler": "random", "space": {"optim.lr": [0.1]}}, "needs a budget"),
+    ({"space": {"optim.lr": [i / 1e4 + 1e-4 for i in range(100)],
+                "optim.momentum": [i / 1e3 for i in range(100)],
+                "optim.label_smoothing": [i / 1e3 for i in range(11)]}},
+     "the grid has 110,000 points (11 x 100 x 100), over the 100,000"),
     # variants: named bundles of settings (cifarlab ablate writes such a study)
     ({"variants": {"a": {"optim.lrr": 0.1}}}, "variant a: unknown setting 'optim.lrr'"),
     ({"variants": {}}, "one variant or more"),

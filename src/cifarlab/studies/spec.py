@@ -52,6 +52,9 @@ STUDY_OWNED = {"seed": "give the number of repeats with `seeds: N`",
                "preset": "give it as `preset:` at the top of the study file"}
 MAX_SEEDS = 1000
 MAX_TRIALS = 1_000_000
+# Points of a grid (the product of its axes' lengths): Optuna's grid sampler lists them all
+# in memory, and a study of training runs never needs more.
+MAX_GRID_POINTS = 100_000
 
 
 @dataclass(frozen=True)
@@ -300,6 +303,13 @@ def parse_study(raw: dict[str, Any], where: str) -> Study:
         if ranges:
             raise UserError(f"{where}: sampler grid needs a list of values for every axis; "
                             f"{ranges[0]} is a range (list its values, or use sampler tpe)")
+        sizes = [len(v) for v in ([*space.values()] + ([list(variants)] if variants else []))]
+        points = math.prod(sizes)
+        if points > MAX_GRID_POINTS:
+            raise UserError(f"{where}: the grid has {points:,} points ("
+                            f"{' x '.join(map(str, sizes))}), over the {MAX_GRID_POINTS:,} "
+                            "a study can list; give fewer values, or use sampler tpe with "
+                            "trials: N")
     study = Study(preset, settings, space, seeds, sampler, trials, pruner, variants)
     check_study(study, where)
     return study
