@@ -198,3 +198,30 @@ def test_spoiled_run_folder_files_are_refused(name, index, kind, trained_run, tm
         target.write_bytes(b"" if kind == "empty" else random.Random(1).randbytes(3000))
     error = refused(fill(RUN_FILES[name][index], run=run, out=out), tmp_path, capsys)
     assert name in error, error
+
+
+@pytest.mark.parametrize("layers, message", [
+    ({"stem.0": [60000, 60000, 1]}, "over 16,777,216 input-output channel pairs"),
+    ({"stem.0": [10**7, 3, 1]}, "not 1 to 4 whole numbers from 1 to 65,536"),
+    ({"stem.0": ["8", 3, 1]}, "not 1 to 4 whole numbers"),
+    ({"nope.x": [4, 3, 1]}, "no layer 'nope.x' in the model"),
+    ("abc", "not a mapping of layer names to shapes"),
+])
+@pytest.mark.parametrize("command", [["summary", "{model}", "--json"],
+                                     ["export", "{model}", "-o", "{out}/m.onnx"],
+                                     ["evaluate", "{model}", "--data", "synthetic:100"]],
+                         ids=["summary", "export", "evaluate"])
+def test_lying_layer_shapes_are_refused_before_allocation(layers, message, command,
+                                                          trained_run, tmp_path, capsys,
+                                                          monkeypatch):
+    """A checkpoint that loads safely but declares its (pruned) layers falsely."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = torch.load(trained_run / "best.pt", weights_only=True)
+    ckpt["model_args"] = {**ckpt["model_args"], "layers": layers}
+    model, out = tmp_path / "lying.pt", tmp_path / "out"
+    torch.save(ckpt, model)
+    out.mkdir()
+    error = refused(fill(command, model=model, out=out), tmp_path, capsys)
+    assert message in error and "damaged or not from cifarlab" in error, error

@@ -262,7 +262,7 @@ def build_model(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> nn.Mod
                         f"{args['num_classes']} outputs")
     try:
         model = create_model(**args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, UserError) as e:
         raise UserError(f"checkpoint {path}: cannot build {args['name']} from its model "
                         f"arguments ({str(e).splitlines()[0]})") from None
     try:

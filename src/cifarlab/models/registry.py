@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,14 +69,30 @@ def model_args(name: str, num_classes: int, width: int = BASE_WIDTH) -> dict[str
 
 
 LAYERS = "layers"  # the model_args entry holding a pruned model's layer shapes
+MAX_CHANNELS = 1 << 16  # of a declared layer: far over any 32x32 classifier's
+MAX_LAYER_UNITS = 1 << 24  # a declared layer's out x in channels (a 4096 x 4096 convolution)
 
 
 def create_model(name: str, num_classes: int = 10, **arch_args: Any) -> nn.Module:
     check_name(name)
     layers = arch_args.pop(LAYERS, None) or {}
     model = MODELS[name].build(num_classes=num_classes, **arch_args)
+    if not isinstance(layers, dict):
+        raise UserError(f"{name}: the declared layer shapes are a {type(layers).__name__}, "
+                        "not a mapping of layer names to shapes; the file is damaged or not "
+                        "from cifarlab")
     for layer_name, shape in layers.items():
-        _reshape(model, layer_name, [int(n) for n in shape])
+        if not (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 4 and all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHANNELS
+                for n in shape)):
+            raise UserError(f"{name}: layer '{layer_name}' is declared of shape {shape!r:.60}, "
+                            f"not 1 to 4 whole numbers from 1 to {MAX_CHANNELS:,}; the file is "
+                            "damaged or not from cifarlab")
+        if math.prod(shape[:2]) > MAX_LAYER_UNITS:  # refused before it is allocated
+            raise UserError(f"{name}: layer '{layer_name}' is declared of shape {shape}, "
+                            f"over {MAX_LAYER_UNITS:,} input-output channel pairs; the file is "
+                            "damaged or not from cifarlab")
+        _reshape(model, str(layer_name), list(shape))
     return model
 
 
@@ -118,7 +135,8 @@ def _reshape(model: nn.Module, name: str, shape: list[int]) -> None:
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
     except AttributeError:
-        raise ValueError(f"no layer '{name}' in the model") from None
+        raise UserError(f"no layer '{name}' in the model; the file is damaged or not from "
+                        "cifarlab") from None
     if isinstance(old, nn.Conv2d) and len(shape) == 3:
         new = nn.Conv2d(shape[0], shape[1], old.kernel_size, old.stride, old.padding,
                         old.dilation, shape[2], old.bias is not None, old.padding_mode)
@@ -128,7 +146,8 @@ def _reshape(model: nn.Module, name: str, shape: list[int]) -> None:
         # Its own class: a subclass (airbench's frozen-scale BatchNorm) keeps what it is.
         new = type(old)(shape[0], old.eps, old.momentum, old.affine, old.track_running_stats)
     else:
-        raise ValueError(f"layer '{name}' is a {type(old).__name__}, not of shape {shape}")
+        raise UserError(f"layer '{name}' is a {type(old).__name__}, not of shape {shape}; the "
+                        "file is damaged or not from cifarlab")
     device = next(itertools.chain(old.parameters(), old.buffers())).device
     setattr(parent, child, new.to(device))
 
