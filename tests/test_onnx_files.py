@@ -99,3 +99,42 @@ def test_lying_or_malformed_files_are_one_line_exit_2(tmp_path, image, folder, c
     err = capsys.readouterr().err
     assert message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err and "nan %" not in err
+
+
+def endless(path):
+    """The tiny classifier's logits passed through a Loop with no trip count whose condition
+    stays true: onnxruntime would run it for ever."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])
+    w = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
+    true = numpy_helper.from_array(np.array(True), "true")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["v_in"], ["v_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"]),
+             helper.make_node("Loop", ["", "true", "logits"], ["y"], body=body)]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=[w, true])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    model.metadata_props.add(key="classes", value=NAMES)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.timeout(60)  # without the check, this run would never end
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_graph_with_an_endless_loop_is_refused_before_it_runs(tmp_path, image, folder,
+                                                               capsys, command):
+    path = endless(tmp_path / "endless.onnx")
+    args = [command, str(path), *([str(image)] if command == "predict"
+                                  else ["--data", str(folder)])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the graph holds control flow (Loop)" in err

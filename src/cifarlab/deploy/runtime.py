@@ -94,6 +94,7 @@ class OnnxClassifier:
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserError(f"{self.name}: not a readable ONNX model ({_first_line(e)}); give a "
                             "file written by cifarlab export or cifarlab quantize") from None
+        check_no_control_flow(self.name, model)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self.values = check_metadata(self.name, self.metadata)
         self.classes: list[str] = self.values["classes"]
@@ -187,6 +188,33 @@ def check_graph(name: str, session: Any, classes: int) -> str:
         raise UserError(f"{name}: the graph's output is {graph_out.type} {dims}, not float "
                         f"(N, {classes}) for its {classes} class names; {fix}")
     return graph_in.name
+
+
+# Operators that run a subgraph a data-dependent number of times: a Loop without a trip
+# count runs for ever. No classifier cifarlab writes has any (its graphs are chains).
+CONTROL_FLOW = {"Loop", "Scan", "If", "SequenceMap"}
+
+
+def check_no_control_flow(name: str, model: str | bytes) -> None:
+    """UserError when the graph (or a function it calls) holds a CONTROL_FLOW operator,
+    before anything is run. Read with the onnx package; on a device with onnxruntime alone
+    it is not installed, and the check is left out there."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    try:
+        proto = (onnx.load_from_string(model) if isinstance(model, bytes)
+                 else onnx.load(model, load_external_data=False))
+    except Exception:  # onnxruntime read it; what onnx cannot parse has no such node
+        return
+    ops = {n.op_type for n in proto.graph.node}
+    ops |= {n.op_type for f in proto.functions for n in f.node}
+    found = sorted(ops & CONTROL_FLOW)
+    if found:
+        raise UserError(f"{name}: the graph holds control flow ({', '.join(found)}), which no "
+                        "cifarlab classifier has and which can run without end; give a file "
+                        "written by cifarlab export or cifarlab quantize")
 
 
 def _first_line(e: BaseException) -> str:
