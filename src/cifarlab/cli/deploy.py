@@ -41,7 +41,8 @@ def add_commands(commands: Any) -> None:
                              "for XNNPACK, calibrated on training images of --data")
 
     quantize = commands.add_parser(
-        "quantize", help="int8 ONNX model (onnxruntime static quantization), accuracy-checked",
+        "quantize", help="int8 model (onnxruntime static quantization or OpenVINO's NNCF), "
+                         "accuracy-checked",
         description="Calibrates on training images of the checkpoint's own split, tries the "
                     "int8 formats that suit this CPU and writes the fastest within --max-drop "
                     "points of float32's validation accuracy.")
@@ -49,7 +50,9 @@ def add_commands(commands: Any) -> None:
     quantize.add_argument("--data", required=True, metavar="SPEC",
                           help="the data the checkpoint was trained on (its split is redrawn)")
     quantize.add_argument("-o", "--output", metavar="FILE",
-                          help="default: beside the checkpoint, e.g. runs/x/best.int8.onnx")
+                          help="default: beside the checkpoint, runs/x/best.int8.onnx (or "
+                               ".int8.xml when OpenVINO's wins); .xml: NNCF's only, .onnx: "
+                               "onnxruntime's only")
     quantize.add_argument("--calibration", default="auto",
                           choices=["auto", "minmax", "percentile", "entropy"],
                           help="auto (default): minmax, and percentile then entropy only when "
@@ -61,9 +64,11 @@ def add_commands(commands: Any) -> None:
     quantize.add_argument("--test-data", metavar="SPEC", help="also report test accuracy "
                           "(never used for choices)")
     quantize.add_argument("--int8-format", default="auto",
-                          choices=["auto", "qdq-u8s8", "qdq-s8s8", "qoperator-u8s8"],
-                          help="auto: the fastest that passes, measured here; a named one: only "
-                               "that one")
+                          choices=["auto", "qdq-u8s8", "qdq-s8s8", "qoperator-u8s8",
+                                   "openvino-nncf"],
+                          help="auto: the fastest that passes, measured here (onnxruntime's "
+                               "formats, and NNCF's OpenVINO int8 where openvino and nncf are "
+                               "installed); a named one: only that one")
     quantize.add_argument("--threads", type=int, help="threads for timing (default: all)")
     quantize.add_argument("--data-root", default="data")
 
