@@ -11,6 +11,7 @@ torch installed; on a phone or a board the same file runs in ExecuTorch's C++ ru
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -32,12 +33,16 @@ FIX = "give a file written by cifarlab export --format executorch"
 def quiet_native_log() -> Iterator[None]:
     """ExecuTorch's C++ runtime logs to file descriptor 2 (CPU probing, load errors): held
     back while a program loads, so that a bad file is refused in one line."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
     saved = os.dup(2)
     try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
+        with open(os.devnull, "wb") as null, contextlib.redirect_stderr(io.StringIO()):
+            os.dup2(null.fileno(), 2)  # the runtime's log reaches both, by build
             yield
     finally:
+        libc.fflush(None)  # what C's stdio still buffers goes to /dev/null too
         os.dup2(saved, 2)
         os.close(saved)
 
