@@ -226,3 +226,29 @@ def test_quantize_keeps_nncfs_int8_ir_when_asked_for(trained_run, tmp_path, caps
 def test_a_runtime_that_cannot_run_a_file_kind_is_refused():
     with pytest.raises(UserError, match="only executorch runs"):
         choice.open_in("m.pte", "openvino")
+
+
+def test_compare_variants_runs_onnx_files_in_openvino(files, capsys):
+    assert main(["compare", "--variants", str(files["onnx"]), str(files["xml"]), "--runtime",
+                 "openvino", "--threads", "1", "--json"]) == 0
+    variants = json.loads(capsys.readouterr().out)["variants"]
+    assert [v["runtime"] for v in variants] == ["openvino fp32", "openvino fp32"]
+    assert variants[1]["file_bytes"] > variants[0]["file_bytes"] * 0.5  # the .xml and its .bin
+
+
+def test_auto_falls_back_when_one_runtime_cannot_read_the_file(files, monkeypatch):
+    real = choice.open_in
+
+    def no_openvino(path, name, threads=None):
+        if name == "openvino":
+            raise UserError(f"{path}: OpenVINO cannot read this ONNX model (QLinearConv)")
+        return real(path, name, threads)
+
+    monkeypatch.setattr(choice, "open_in", no_openvino)
+    chosen = choice.choose(files["onnx"], "auto", "throughput")
+    assert chosen.runtime == "onnxruntime" and "openvino cannot run it" in chosen.how
+    monkeypatch.setattr(choice, "quick_time", lambda *a: pytest.fail("nothing to compare"))
+    from cifarlab.deploy import bench
+
+    rows = bench.open_models(files["onnx"], 1, "all")
+    assert [m.runtime for m in rows] == ["onnxruntime fp32"]

@@ -14,6 +14,7 @@ call.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -28,6 +29,8 @@ import numpy as np
 import cifarlab
 from cifarlab.deploy import choice, runtime
 from cifarlab.errors import UserError
+
+log = logging.getLogger("cifarlab")
 
 BATCH = 64
 # Calls per measurement: the full bench, and the quick one quantize uses to rank candidates.
@@ -233,7 +236,13 @@ def open_models(given: str | Path, threads: int, wanted: str = "onnxruntime") ->
                         "installed; install one (pip install 'cifarlab[deploy]')")
     opened = []
     for name in names:
-        model = choice.choose(path, name, "latency", threads).model
+        try:
+            model = choice.choose(path, name, "latency", threads).model
+        except UserError as e:
+            if wanted != "all" or name == names[-1] and not opened:
+                raise
+            log.warning(f"note: {e}; no {name} row for it")  # the other runtimes still run
+            continue
         opened.append(Opened(path, model.label, model.meta("architecture"),
                              model.meta("split", {}), model.classes,
                              lambda x, m=model: m.run(runtime.to_input(x)), model.logits,

@@ -141,10 +141,20 @@ def choose(path: str | Path, wanted: str = "auto", metric: str = "latency",
         return Chosen(open_in(path, best, threads), best,
                       f"fastest here in {path.with_suffix('.bench.json').name}: "
                       + _times(recorded, names, metric))
-    models = {n: open_in(path, n, threads) for n in names}
+    models, refused = {}, []
+    for name in names:
+        try:
+            models[name] = open_in(path, name, threads)
+        except UserError as e:  # one runtime cannot read this file (an operator it lacks)
+            refused.append(f"{name} cannot run it: {e}")
+    if not models:
+        raise UserError(refused[0])
+    if len(models) == 1:
+        (name, model), = models.items()
+        return Chosen(model, name, "; ".join(refused))
     times = {n: quick_time(m, metric) for n, m in models.items()}
-    best = min(names, key=times.__getitem__)
-    return Chosen(models[best], best, "fastest here, measured now: " + _times(times, names,
+    best = min(times, key=times.__getitem__)
+    return Chosen(models[best], best, "fastest here, measured now: " + _times(times, list(times),
                                                                               metric))
 
 

@@ -64,9 +64,23 @@ def read_model(path: str | Path, name: str | None = None) -> Any:
     try:
         return core().read_model(str(path))
     except Exception as e:  # openvino raises RuntimeError and its own types
-        kind = "OpenVINO IR" if path.suffix == ".xml" else "ONNX model"
-        raise UserError(f"{name}: not a readable {kind} ({runtime._first_line(e)}); "
-                        f"{FIX}") from None
+        if path.suffix == ".xml":
+            raise UserError(f"{name}: not a readable OpenVINO IR ({reason(e)}); {FIX}") from None
+        raise UserError(f"{name}: OpenVINO cannot read this ONNX model ({reason(e)}); run it "
+                        "with --runtime onnxruntime, or for OpenVINO's int8 quantize with -o "
+                        "NAME.int8.xml") from None
+
+
+def reason(error: BaseException) -> str:
+    """What an OpenVINO error says, in one line: its summary of the operations it could not
+    convert, else its first line that is not where it was raised."""
+    text = str(error)
+    lines = [line.strip(" -") for line in text.partition("Summary:")[2].splitlines()]
+    if not any(lines):
+        lines = [line for line in text.splitlines() if not line.startswith(
+            ("Exception from", "Check '", "FrontEnd API failed"))]
+    found = "; ".join(line for line in lines if line.strip())
+    return found[:300] if found else runtime._first_line(error)
 
 
 def metadata_of(model: Any) -> dict[str, str]:
@@ -141,8 +155,8 @@ class OpenVinoClassifier:
             self.compiled = compile_model(model, threads,
                                           None if precision == "default" else precision)
         except Exception as e:  # openvino raises RuntimeError and its own types
-            raise UserError(f"{self.name}: OpenVINO could not compile it "
-                            f"({runtime._first_line(e)}); {FIX}") from None
+            raise UserError(f"{self.name}: OpenVINO could not compile it ({reason(e)}); "
+                            f"{FIX}") from None
         self.request = self.compiled.create_infer_request()
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.int8 = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()) or \
@@ -163,8 +177,8 @@ class OpenVinoClassifier:
         try:
             out = self.request.infer([x])[0]
         except Exception as e:  # openvino raises RuntimeError and its own types
-            raise UserError(f"{self.name}: OpenVINO could not run it ({runtime._first_line(e)}"
-                            f"); {FIX}") from None
+            raise UserError(f"{self.name}: OpenVINO could not run it ({reason(e)}); {FIX}"
+                            ) from None
         return runtime.check_output(self.name, np.asarray(out, np.float32), len(x),
                                     len(self.classes))
 
