@@ -108,15 +108,17 @@ def check_model(name: str, model: Any, classes: int) -> None:
     dims = [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static \
         else []
     if inputs[0].get_element_type() != ov.Type.f32 or len(dims) != 4 or dims[1:] != [3, 32, 32]:
-        raise UserError(f"{name}: the graph's input is {inputs[0].get_element_type()} {shape}, "
-                        f"not float (N, 3, 32, 32); {FIX}")
+        kind = inputs[0].get_element_type().to_string()
+        raise UserError(f"{name}: the graph's input is {kind} {shape}, not float (N, 3, 32, "
+                        f"32); {FIX}")
     out = outputs[0].get_partial_shape()
     width = (out[1].get_length() if out.rank.is_static and len(out) == 2 and out[1].is_static
              else None)
     if outputs[0].get_element_type() != ov.Type.f32 or not out.rank.is_static or len(out) != 2 \
             or width not in (None, classes):
-        raise UserError(f"{name}: the graph's output is {outputs[0].get_element_type()} {out}, "
-                        f"not float (N, {classes}) for its {classes} class names; {FIX}")
+        kind = outputs[0].get_element_type().to_string()
+        raise UserError(f"{name}: the graph's output is {kind} {out}, not float (N, {classes}) "
+                        f"for its {classes} class names; {FIX}")
 
 
 def compile_model(model: Any, threads: int | None, precision: str | None) -> Any:

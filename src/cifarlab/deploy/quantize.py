@@ -66,7 +66,8 @@ def candidates(cpu: runtime.CpuInfo) -> list[Candidate]:
             Candidate("qoperator-u8s8", f"QOperator U8S8{suffix}", "QOperator", "uint8", reduce)]
 
 
-INT8_FORMATS = ("auto", "qdq-u8s8", "qdq-s8s8", "qoperator-u8s8", nncf_quantize.KEY)
+ONNX_FORMATS = ("qdq-u8s8", "qdq-s8s8", "qoperator-u8s8")  # onnxruntime's, as candidates()
+INT8_FORMATS = ("auto", *ONNX_FORMATS, nncf_quantize.KEY)
 NNCF = Candidate(nncf_quantize.KEY, nncf_quantize.NAME, "OpenVINO IR", "int8", False)
 
 
