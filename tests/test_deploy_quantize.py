@@ -152,7 +152,8 @@ def test_candidates_follow_the_cpu():
     assert not any(c.reduce_range for c in with_vnni)
     # int8 x int8 (onnxruntime's default types) never needs it.
     assert [c.reduce_range for c in without if c.activations == "int8"] == [False]
-    assert [c.key for c in with_vnni] == list(quantize.INT8_FORMATS[1:])
+    assert [c.key for c in with_vnni] == list(quantize.ONNX_FORMATS)
+    assert list(quantize.INT8_FORMATS) == ["auto", *quantize.ONNX_FORMATS, "openvino-nncf"]
 
 
 def test_a_cpu_without_vnni_gets_7_bit_weights_and_is_told(trained_run, tmp_path, capsys,

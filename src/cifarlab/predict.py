@@ -6,8 +6,9 @@ the model's 32x32 input the way torchvision's evaluation transforms do it: conve
 (alpha dropped), its shorter side resized to 32 pixels (bicubic, antialiased when
 shrinking), then the centre 32x32 cropped. A 32x32 image is used as it is.
 
-An exported `.onnx` file (cifarlab export / quantize) is used with onnxruntime alone: its
-metadata holds the class names, its graph the normalisation; torch is not imported then.
+A deployed file (cifarlab export / quantize: `.onnx`, an OpenVINO `.xml`, an ExecuTorch
+`.pte`) is used with its runtime alone (choice.choose: the fastest installed one by default):
+its metadata holds the class names, its graph the normalisation; torch is not imported then.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,19 +65,17 @@ def predict_files(
     *,
     topk: int = 3,
     device: torch.device | None = None,
+    runtime: str = "auto",
 ) -> list[ImagePrediction]:
     """Softmax probabilities of each image's `topk` most probable classes (`topk` larger than
-    the number of classes gives them all), from a checkpoint or an exported `.onnx` file.
-    UserError for a bad checkpoint or image file."""
+    the number of classes gives them all), from a checkpoint or a deployed file (in
+    `runtime`, choice.CHOICES). UserError for a bad checkpoint or image file."""
     if topk < 1:
         raise UserError(f"--topk {topk}: give a number of classes >= 1")
-    if Path(checkpoint_path).suffix == ".onnx":
-        from cifarlab.deploy.runtime import OnnxClassifier, predict_onnx
+    from cifarlab.deploy import choice
 
-        model = OnnxClassifier(checkpoint_path)
-        pixels = model_inputs(images)
-        return [ImagePrediction(str(image), predictions) for image, predictions
-                in zip(images, predict_onnx(model, pixels, topk), strict=True)]
+    if choice.is_deployed(checkpoint_path):
+        return predict_deployed(choice.choose(checkpoint_path, runtime).model, images, topk)
     import torch
 
     from cifarlab import checkpoint
@@ -104,3 +103,13 @@ def predict_files(
                     [(classes[i], p) for i, p in zip(i_row, p_row, strict=True)],
                 ))
     return results
+
+
+def predict_deployed(model: Any, images: Sequence[str | Path], topk: int
+                     ) -> list[ImagePrediction]:
+    """Predictions of a deployed file opened in its runtime (choice.choose)."""
+    from cifarlab.deploy.runtime import predict_onnx
+
+    pixels = model_inputs(images)
+    return [ImagePrediction(str(image), predictions) for image, predictions
+            in zip(images, predict_onnx(model, pixels, topk), strict=True)]

@@ -2,7 +2,7 @@
 plot, compare (of runs, or of variants of one model), report and predict. They print, draw
 figures and write reports; none trains or writes a model.
 
-    cifarlab evaluate  CHECKPOINT|RUN_DIR|MODEL.onnx --data SPEC [--json]
+    cifarlab evaluate  CHECKPOINT|RUN_DIR|MODEL.onnx|.xml|.pte --data SPEC [--runtime R]
     cifarlab summary   [CHECKPOINT|RUN_DIR | --model NAME --width W --classes N] [--json]
     cifarlab models    [--classes N] [--width W] [--json]
     cifarlab plot      RUN [RUN ...] [-o FILE]
@@ -10,10 +10,11 @@ figures and write reports; none trains or writes a model.
     cifarlab compare   --variants MODEL MODEL [...] [--data SPEC] [--test-data SPEC] [--json]
                        [--report DIR]
     cifarlab report    RUN [--against RUN]
-    cifarlab predict   CHECKPOINT|RUN_DIR|MODEL.onnx IMAGE [IMAGE ...] [--topk K] [--json]
+    cifarlab predict   CHECKPOINT|RUN_DIR|MODEL.onnx|.xml|.pte IMAGE [...] [--runtime R]
 
-evaluate and predict on an .onnx file use onnxruntime alone: nothing here imports torch
-on that path.
+evaluate and predict on a deployed file use its runtime alone (onnxruntime, OpenVINO or
+ExecuTorch; by default the fastest installed, named in the output): nothing here imports
+torch on that path.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ WIDTH_HELP = ("model.width: 64 is each model's published width, W scales its cha
 
 def add_commands(commands: Any) -> None:
     evaluate = commands.add_parser("evaluate", help="accuracy of a checkpoint on some data")
-    evaluate.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or an "
-                          ".onnx file from export or quantize")
+    evaluate.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or a "
+                          "deployed file from export or quantize (.onnx, .xml, .pte)")
     evaluate.add_argument("--data", metavar="SPEC",
                           help="images to score (a source's test split when it has one); "
                                "default: the run's own data when it is named by a keyword "
@@ -44,6 +45,7 @@ def add_commands(commands: Any) -> None:
     evaluate.add_argument("--data-root", default="data")
     evaluate.add_argument("--device", default="auto", choices=settings_rules.DEVICES)
     evaluate.add_argument("--batch-size", type=int, default=1024)
+    add_runtime_flag(evaluate, "throughput at batch 64")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
 
     summary = commands.add_parser("summary", help="layer table, parameters, MACs and FLOPs")
@@ -92,6 +94,10 @@ def add_commands(commands: Any) -> None:
                           "accuracy on SPEC's test split (shown, never used to choose)")
     variants.add_argument("--data-root", default="data")
     variants.add_argument("--threads", type=int, help="threads for every runtime (default: all)")
+    variants.add_argument("--runtime", default="onnxruntime",
+                          choices=["onnxruntime", "openvino", "auto"],
+                          help="what runs .onnx variants (default onnxruntime; auto: the "
+                               "fastest installed, measured here)")
     variants.add_argument("--json", action="store_true", help="print JSON")
     variants.add_argument("--report", metavar="DIR",
                           help="also write DIR/variants.md and a self-contained variants.html")
@@ -108,14 +114,23 @@ def add_commands(commands: Any) -> None:
         "predict", help="classes and probabilities for image files",
         description="Each image is converted to RGB, its shorter side resized to 32 pixels "
                     "(bicubic, antialiased) and its centre cropped to 32x32.")
-    predict.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or an "
-                         ".onnx file from export or quantize (then only onnxruntime is used)")
+    predict.add_argument("checkpoint", help="a checkpoint, a run folder (its best.pt), or a "
+                         "deployed file from export or quantize (.onnx, .xml, .pte; then only "
+                         "its runtime is used)")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
     predict.add_argument("--topk", type=int, default=3,
                          help="how many of the most probable classes to show (default 3; "
                               "more than there are shows them all)")
     predict.add_argument("--device", default="auto", choices=settings_rules.DEVICES)
     predict.add_argument("--json", action="store_true", help="print JSON")
+    add_runtime_flag(predict, "batch-1 latency")
+
+
+def add_runtime_flag(parser: argparse.ArgumentParser, metric: str) -> None:
+    parser.add_argument("--runtime", default="auto", choices=["auto", "onnxruntime", "openvino"],
+                        help="what runs a deployed file (default auto: the fastest installed "
+                             f"one for it on this machine, by {metric}: from MODEL.bench.json "
+                             "beside it, else measured now)")
 
 
 def own_data(path: Path, data: dict) -> str:
@@ -139,13 +154,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cifarlab.data.sources import load_source
 
     check_range("--batch-size", args.batch_size, 1, settings_rules.MAX_COUNT, 1024)
-    onnx = Path(args.checkpoint).suffix == ".onnx"
+    from cifarlab.deploy import choice
+
+    onnx = choice.is_deployed(args.checkpoint)
     path = Path(args.checkpoint) if onnx else checkpoint_file(args.checkpoint)
     label_set = "fine"
-    if onnx:  # onnxruntime only: no torch import on this path
-        from cifarlab.deploy.runtime import OnnxClassifier, evaluate_onnx
+    if onnx:  # the runtime only: no torch import on this path
+        from cifarlab.deploy.runtime import evaluate_onnx
 
-        model = OnnxClassifier(path)
+        chosen = choice.choose(path, args.runtime, "throughput")
+        print(chosen.describe(), file=sys.stderr)
+        model = chosen.model
         classes = model.classes
         label_set = model.meta("split", {}).get("label_set", "fine")
     else:
@@ -174,11 +193,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, flip=checkpoint.tta_flip(ckpt),
                           translate=checkpoint.tta_translate(ckpt))
     per_class = dict(zip(data.classes, result.per_class_acc, strict=True))
+    ran = {"runtime": model.label} if onnx else {}
     if args.json:
         print(json.dumps({"images": int(len(data.labels)), "acc": result.acc,
-                          "per_class_acc": per_class, "loss": result.loss}, indent=2))
+                          "per_class_acc": per_class, "loss": result.loss, **ran}, indent=2))
         return 0
-    print(f"{path}: {result.acc:.2f}% of {len(data.labels):,} images correct")
+    print(f"{path}: {result.acc:.2f}% of {len(data.labels):,} images correct"
+          + (f" ({model.label})" if onnx else ""))
     for name, acc in per_class.items():
         print(f"  {name:<16} {acc:6.2f}%")
     return 0
@@ -265,6 +286,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.variants:
         return compare_variants(args)
     given = [f for f in ("data", "test_data", "threads", "json", "report") if getattr(args, f)]
+    given += ["runtime"] * (args.runtime != "onnxruntime")
     if given:
         flag = given[0].replace("_", "-")
         raise UserError(f"--{flag} is for --variants only; add --variants or drop it")
@@ -291,7 +313,7 @@ def compare_variants(args: argparse.Namespace) -> int:
               else figure_path(args.output, args.runs, variants.VARIANTS_PNG))
     variants.check_report_folder(args.report)
     result = variants.compare_variants(args.runs, args.threads, args.data, args.data_root,
-                                       args.test_data)
+                                       args.test_data, args.runtime)
     print(result.to_json() if args.json else variants.text(result, markdown=args.markdown))
     said = sys.stderr if args.json else sys.stdout
     if output is not None:
@@ -311,11 +333,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cifarlab.predict import predict_files
+    from cifarlab.deploy import choice
+    from cifarlab.predict import predict_deployed, predict_files
 
     check_range("--topk", args.topk, 1, settings_rules.MAX_COUNT, 3)
-    if Path(args.checkpoint).suffix == ".onnx":  # onnxruntime only: no torch import
-        results = predict_files(args.checkpoint, args.images, topk=args.topk)
+    if choice.is_deployed(args.checkpoint):  # the runtime only: no torch import
+        chosen = choice.choose(args.checkpoint, args.runtime, "latency")
+        print(chosen.describe(), file=sys.stderr)
+        results = predict_deployed(chosen.model, args.images, args.topk)
     else:
         from cifarlab.devices import resolve_device
 

@@ -1,15 +1,20 @@
 """CPU inference speed of checkpoints and exported files, side by side.
 
 Each model runs in the runtimes that apply to it: a checkpoint (or run folder) in eager
-PyTorch float32, an `.onnx` file in onnxruntime (float32, or int8 when it holds quantized
-operators). Every runtime gets the same number of threads (torch.set_num_threads,
-onnxruntime's intra_op_num_threads). Batch-1 latency is the median and 90th percentile of
-single calls after a warm-up; batch-64 throughput is 64 images over the median call.
+PyTorch float32; an `.onnx` file in onnxruntime (float32, or int8 when it holds quantized
+operators), OpenVINO, the fastest of them ("auto", as choice.choose decides) or each of them
+("all"); an OpenVINO IR (`.xml`) in OpenVINO (the precision that ran in the runtime's name);
+an ExecuTorch `.pte` in ExecuTorch's runtime (XNNPACK). Every runtime gets the same number of
+threads (torch.set_num_threads, onnxruntime's intra_op_num_threads, OpenVINO's
+INFERENCE_NUM_THREADS, ExecuTorch's thread pool). Batch-1 latency is the median and 90th
+percentile of single calls after a warm-up; batch-64 throughput is 64 images over the median
+call.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -22,8 +27,10 @@ from typing import Any
 import numpy as np
 
 import cifarlab
-from cifarlab.deploy import runtime
+from cifarlab.deploy import choice, runtime
 from cifarlab.errors import UserError
+
+log = logging.getLogger("cifarlab")
 
 BATCH = 64
 # Calls per measurement: the full bench, and the quick one quantize uses to rank candidates.
@@ -86,7 +93,7 @@ def time_onnx(model: runtime.OnnxClassifier, images: np.ndarray, quick: bool = F
 @dataclass
 class Row:
     model: str  # the path as given
-    runtime: str  # "torch eager fp32", "onnxruntime fp32", "onnxruntime int8"
+    runtime: str  # "torch eager fp32", "onnxruntime fp32", "openvino int8", ...
     architecture: dict[str, Any]
     params: int
     macs: int  # per image, forward
@@ -111,14 +118,22 @@ class Header:
     load_average: list[float]  # 1, 5, 15 minutes, before the measurement
     load_average_after: list[float] = field(default_factory=list)
     date: str = ""
+    openvino: str | None = None  # its version, where installed
+    executorch: str | None = None
 
     def lines(self) -> list[str]:
         return [f"CPU: {self.cpu}; ISA: {', '.join(self.flags) or 'no AVX2'}",
-                f"threads: {self.threads} (every runtime); torch {self.torch}, onnxruntime "
-                f"{self.onnxruntime}, Python {self.python}; {self.date}",
+                f"threads: {self.threads} (every runtime); {self.versions()}, Python "
+                f"{self.python}; {self.date}",
                 "load average (1/5/15 min): before " + _load(self.load_average)
                 + (", after " + _load(self.load_average_after) if self.load_average_after
                    else "")]
+
+
+    def versions(self) -> str:
+        return ", ".join(f"{name} {version}" for name, version in (
+            ("torch", self.torch), ("onnxruntime", self.onnxruntime),
+            ("openvino", self.openvino), ("executorch", self.executorch)) if version)
 
 
 def _load(values: Sequence[float]) -> str:
@@ -132,7 +147,17 @@ def header(threads: int) -> Header:
     cpu = runtime.cpu_info()
     return Header(cpu.model, cpu.flags, threads, torch.__version__, onnxruntime.__version__,
                   cifarlab.__version__, platform.python_version(), list(os.getloadavg()),
-                  date=time.strftime("%Y-%m-%d %H:%M %Z"))
+                  date=time.strftime("%Y-%m-%d %H:%M %Z"), openvino=_version("openvino"),
+                  executorch=_version("executorch"))
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def eval_set(spec: str, data_root: str | Path, split: dict[str, Any], classes: list[str]
@@ -184,7 +209,7 @@ def accuracy(logits: Callable[[np.ndarray], np.ndarray], data: Any) -> float:
 class Opened:
     """A model in the runtime that applies to it, ready to time and score."""
 
-    path: Path  # the file read: the checkpoint (a run folder's best.pt) or the .onnx file
+    path: Path  # the file read: the checkpoint (a run folder's best.pt) or the deployed file
     runtime: str  # as Row.runtime
     architecture: dict[str, Any] | None  # create_model's arguments (model_args)
     split: dict[str, Any]  # the data settings of the model's run
@@ -192,18 +217,43 @@ class Opened:
     call: Callable[[np.ndarray], Any]  # what is timed: one runtime call, uint8 NHWC in
     logits: Callable[[np.ndarray], np.ndarray]  # any number of uint8 NHWC images
     ckpt: dict[str, Any] | None = None  # torch models
-    onnx: runtime.OnnxClassifier | None = None  # .onnx files
+    deployed: Any = None  # deployed files: the classifier (choice.open_in)
 
 
-def open_model(given: str | Path, threads: int) -> Opened:
-    """A checkpoint or run folder (torch eager) or an .onnx file (onnxruntime, `threads`)."""
-    if Path(given).suffix == ".onnx":
-        model = runtime.OnnxClassifier(given, threads=threads)
-        path = Path(given)
-        kind = "onnxruntime int8" if runtime.is_int8(path) else "onnxruntime fp32"
-        return Opened(path, kind, model.meta("architecture"), model.meta("split", {}),
-                      model.classes, lambda x: model.run(runtime.to_input(x)), model.logits,
-                      onnx=model)
+RUNTIME_CHOICES = (*choice.CHOICES, "all")
+
+
+def open_models(given: str | Path, threads: int, wanted: str = "onnxruntime") -> list[Opened]:
+    """A checkpoint or run folder (torch eager), or a deployed file in the runtime `wanted`
+    (for an .onnx file; "all": every installed one), each with `threads` threads."""
+    path = Path(given)
+    if not choice.is_deployed(path):
+        return [open_model(given, threads)]
+    names = ([n for n in choice.runtimes_for(path) if choice.installed(n)] if wanted == "all"
+             else [wanted if len(choice.runtimes_for(path)) > 1 else "auto"])
+    if not names:
+        raise UserError(f"{given}: none of {', '.join(choice.runtimes_for(path))} is "
+                        "installed; install one (pip install 'cifarlab[deploy]')")
+    opened = []
+    for name in names:
+        try:
+            model = choice.choose(path, name, "latency", threads).model
+        except UserError as e:
+            if wanted != "all" or name == names[-1] and not opened:
+                raise
+            log.warning(f"note: {e}; no {name} row for it")  # the other runtimes still run
+            continue
+        opened.append(Opened(path, model.label, model.meta("architecture"),
+                             model.meta("split", {}), model.classes,
+                             lambda x, m=model: m.run(runtime.to_input(x)), model.logits,
+                             deployed=model))
+    return opened
+
+
+def open_model(given: str | Path, threads: int, wanted: str = "onnxruntime") -> Opened:
+    """A checkpoint or run folder (torch eager), or a deployed file in runtime `wanted`."""
+    if choice.is_deployed(given):
+        return open_models(given, threads, wanted)[0]
     from cifarlab.deploy.export import load
 
     loaded = load(given)
@@ -217,23 +267,33 @@ def open_model(given: str | Path, threads: int) -> Opened:
                   logits, logits, ckpt=loaded.ckpt)
 
 
-def bench_model(given: str, threads: int, data: str | None, data_root: str | Path) -> Row:
-    """One model: a checkpoint or run folder (torch eager), or an .onnx file (onnxruntime)."""
+def file_bytes(path: Path) -> int:
+    """The deployed file's size; an OpenVINO IR's with its .bin."""
+    weights = path.with_suffix(".bin")
+    return path.stat().st_size + (weights.stat().st_size if path.suffix == ".xml" else 0)
+
+
+def bench_model(given: str, threads: int, data: str | None, data_root: str | Path,
+                wanted: str = "onnxruntime") -> list[Row]:
+    """One model, a row per runtime: a checkpoint or run folder (torch eager), or a deployed
+    file (open_models)."""
     from cifarlab.profile import model_size
 
-    model = open_model(given, threads)
-    if model.architecture is None:
-        raise UserError(f"{given}: no architecture in its metadata; give a file written by "
-                        "cifarlab export or cifarlab quantize")
-    timing = measure(model.call, timing_images())
-    size = model_size(model.architecture)
-    row = Row(given, model.runtime, model.architecture, size.params, size.macs,
-              model.path.stat().st_size / 1e6, **asdict(timing))
-    if data is not None:
-        row.acc_split, scored = eval_set(data, data_root, model.split, model.classes)
-        row.acc = accuracy(model.logits, scored)
-        row.acc_images = len(scored.labels)
-    return row
+    rows = []
+    for model in open_models(given, threads, wanted):
+        if model.architecture is None:
+            raise UserError(f"{given}: no architecture in its metadata; give a file written "
+                            "by cifarlab export or cifarlab quantize")
+        timing = measure(model.call, timing_images())
+        size = model_size(model.architecture)
+        row = Row(given, model.runtime, model.architecture, size.params, size.macs,
+                  file_bytes(model.path) / 1e6, **asdict(timing))
+        if data is not None:
+            row.acc_split, scored = eval_set(data, data_root, model.split, model.classes)
+            row.acc = accuracy(model.logits, scored)
+            row.acc_images = len(scored.labels)
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -247,11 +307,11 @@ class BenchResult:
 
     def table(self) -> str:
         lines = self.header.lines()
-        lines.append(f"{'model':<36} {'runtime':<17} {'batch 1 ms':>10} {'p90':>6} "
+        lines.append(f"{'model':<36} {'runtime':<24} {'batch 1 ms':>10} {'p90':>6} "
                      f"{'img/s @64':>9} {'MB':>6} {'params':>11} {'MMACs':>7} {'acc %':>6}")
         for r in self.rows:
             acc = f"{r.acc:6.2f}" if r.acc is not None else "     -"
-            lines.append(f"{_short(r.model, 36):<36} {r.runtime:<17} {r.latency_ms:>10.2f} "
+            lines.append(f"{_short(r.model, 36):<36} {r.runtime:<24} {r.latency_ms:>10.2f} "
                          f"{r.latency_p90_ms:>6.2f} {r.throughput:>9.1f} {r.file_mb:>6.1f} "
                          f"{r.params:>11,} {r.macs / 1e6:>7.1f} {acc}")
         scored = {r.acc_split for r in self.rows if r.acc_split}
@@ -276,11 +336,14 @@ def pin_threads(threads: int | None) -> int:
 
 
 def bench(models: Sequence[str], threads: int | None = None, data: str | None = None,
-          data_root: str | Path = "data") -> BenchResult:
+          data_root: str | Path = "data", wanted: str = "onnxruntime") -> BenchResult:
+    """`wanted`: the runtime of .onnx files (RUNTIME_CHOICES)."""
+    if wanted not in RUNTIME_CHOICES:
+        raise UserError(f"--runtime {wanted}: must be one of {', '.join(RUNTIME_CHOICES)}")
     threads = pin_threads(threads)
     result = BenchResult(header(threads), [])
     for given in models:
-        result.rows.append(bench_model(given, threads, data, data_root))
+        result.rows.extend(bench_model(given, threads, data, data_root, wanted))
     result.header.load_average_after = list(os.getloadavg())
     return result
 

@@ -1,4 +1,5 @@
-"""A checkpoint as one deployable file: ONNX (default), torch.export's pt2, or safetensors.
+"""A checkpoint as one deployable file: ONNX (default), an OpenVINO IR (.xml + .bin),
+torch.export's pt2, or safetensors.
 
 The exported network takes what a camera or an image decoder gives: RGB floats in [0, 1],
 NCHW, any batch size; the checkpoint's normalisation (and its mirror-image averaging when
@@ -8,6 +9,12 @@ folder, loaded back, and its logits on a batch of images (real ones with `data`,
 seeded random batch) must match eager PyTorch's within PARITY_ATOL + PARITY_RTOL * max|logit|
 with the same top-1 class on every image; then it is renamed into place. A failed check
 leaves nothing behind.
+
+OpenVINO runs `.onnx` files and IRs (the IR is converted from the checked ONNX graph, with
+the same metadata). Where openvino is installed, an ONNX file is also checked in OpenVINO, in
+the precision OpenVINO will run it in on this CPU (openvino.checked_precision: its default,
+bfloat16 on CPUs with AMX, when that passes, else float32), which the metadata records; bf16
+and f16 are held to LOW_PRECISION_ATOL + LOW_PRECISION_RTOL * max|logit|, and the same top-1.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,12 +37,12 @@ from torch import nn
 
 import cifarlab
 from cifarlab import checkpoint
-from cifarlab.deploy import runtime
+from cifarlab.deploy import openvino, runtime
 from cifarlab.errors import UserError
 from cifarlab.evaluate import logits_of
 
-FORMATS = ("onnx", "pt2", "safetensors")
-SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
+FORMATS = ("onnx", "openvino", "pt2", "safetensors")
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "pt2": ".pt2", "safetensors": ".safetensors"}
 EXPORTERS = ("dynamo", "torchscript")
 OPSET = 18  # pinned: the graph does not change with the torch version's default
 PARITY_IMAGES = 64
@@ -43,6 +51,10 @@ PARITY_SEED = 0
 # about 1e-6 of the logits' scale is typical; a broken graph is off by O(1).
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-3
+# bfloat16 keeps 8 bits of mantissa (about 0.4 % per rounding): logits drift by about 1 % of
+# their scale through a network; a broken graph is still off by far more.
+LOW_PRECISION_ATOL = 1e-2
+LOW_PRECISION_RTOL = 3e-2
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 INPUT_DESCRIPTION = "float32 RGB in [0, 1], NCHW (batch, 3, 32, 32); normalisation is in the graph"
 MAX_BATCH = 1 << 16
@@ -122,18 +134,20 @@ def parity_images(data: str | None, root: str | Path = "data", n: int = PARITY_I
     return images[np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))]
 
 
-def check_parity(reference: np.ndarray, got: np.ndarray, what: str) -> float:
-    """Largest absolute difference; ParityError when over tolerance or a top-1 differs."""
+def check_parity(reference: np.ndarray, got: np.ndarray, what: str, atol: float = PARITY_ATOL,
+                 rtol: float = PARITY_RTOL, top1: bool = True) -> float:
+    """Largest absolute difference; ParityError when over tolerance or (`top1`) a top-1
+    differs."""
     if got.shape != reference.shape:
         raise ParityError(f"{what}: output shape {tuple(got.shape)} differs from PyTorch's "
                           f"{tuple(reference.shape)}")
     diff = float(np.abs(got.astype(np.float64) - reference).max()) if got.size else 0.0
-    tolerance = PARITY_ATOL + PARITY_RTOL * float(np.abs(reference).max(initial=0.0))
+    tolerance = atol + rtol * float(np.abs(reference).max(initial=0.0))
     if not diff <= tolerance:  # also catches NaN
         raise ParityError(f"{what}: logits differ from PyTorch's by up to {diff:.3g} (tolerance "
                           f"{tolerance:.3g}) on {len(reference)} images")
     flipped = int((got.argmax(1) != reference.argmax(1)).sum())
-    if flipped:
+    if flipped and top1:
         raise ParityError(f"{what}: top-1 class differs from PyTorch's on {flipped} of "
                           f"{len(reference)} images")
     return diff
@@ -146,7 +160,11 @@ def torch_logits(module: nn.Module, images: np.ndarray) -> np.ndarray:
 
 def onnx_logits(path: Path, images: np.ndarray) -> np.ndarray:
     """The file's logits with onnxruntime, in two batches: the batch size is dynamic."""
-    model = runtime.OnnxClassifier(path, threads=1, name=str(path))
+    return two_batches(runtime.OnnxClassifier(path, threads=1, name=str(path)), images)
+
+
+def two_batches(model: Any, images: np.ndarray) -> np.ndarray:
+    """A deployed classifier's logits (its `run`), in two batches."""
     half = max(1, len(images) // 2)
     return np.concatenate([model.run(runtime.to_input(images[:half])),
                            model.run(runtime.to_input(images[half:]))])
@@ -230,11 +248,48 @@ class ExportResult:
     max_abs_diff: float  # against eager PyTorch
     images: int  # compared
     notes: list[str]  # what was tried and failed before (ONNX exporter fallback)
+    precision: str | None = None  # OpenVINO IR: the inference precision checked and recorded
+    tolerance: tuple[float, float] = (PARITY_ATOL, PARITY_RTOL)  # (atol, rtol) of the check
+    top1: bool = True  # the check required the same top-1 on every image
 
 
-def write_onnx(loaded: Loaded, out: Path, images: np.ndarray, exporter: str | None
-               ) -> ExportResult:
-    """The ONNX file, checked; `exporter` None tries dynamo, then torchscript."""
+def openvino_check(reference: np.ndarray, images: np.ndarray, what: str
+                   ) -> Callable[[openvino.OpenVinoClassifier, str], None]:
+    """A check of an OpenVINO model's logits against PyTorch's, in the tolerance of the
+    precision it runs in (openvino.checked_precision calls it)."""
+    def check(model: openvino.OpenVinoClassifier, precision: str) -> None:
+        atol, rtol = ((PARITY_ATOL, PARITY_RTOL) if precision == "f32"
+                      else (LOW_PRECISION_ATOL, LOW_PRECISION_RTOL))
+        check_parity(reference, two_batches(model, images),
+                     f"{what} in OpenVINO {precision}", atol, rtol)
+    return check
+
+
+def openvino_precision(proto: Any, reference: np.ndarray, images: np.ndarray,
+                       notes: list[str]) -> str | None:
+    """The precision OpenVINO runs `proto` in on this CPU, checked; None when openvino is
+    not installed or the graph fails in OpenVINO even in f32 (said in `notes`)."""
+    try:
+        import openvino as _  # noqa: F401
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory(prefix="cifarlab-export-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(proto.SerializeToString())
+        try:
+            precision, found = openvino.checked_precision(path, openvino_check(
+                reference, images, "ONNX export"))
+        except UserError as e:
+            notes.append(f"{e}; run this file with --runtime onnxruntime")
+            return None
+    notes.extend(found)
+    return precision
+
+
+def write_onnx(loaded: Loaded, out: Path, images: np.ndarray, exporter: str | None,
+               check_openvino: bool = True) -> ExportResult:
+    """The ONNX file, checked; `exporter` None tries dynamo, then torchscript;
+    `check_openvino` also checks it in OpenVINO where installed (module docstring)."""
     reference = torch_logits(loaded.module, images)
     notes: list[str] = []
     for name in [exporter] if exporter else list(EXPORTERS):
@@ -243,8 +298,12 @@ def write_onnx(loaded: Loaded, out: Path, images: np.ndarray, exporter: str | No
         except Exception as e:  # exporters raise many types; the reason is in the message
             notes.append(f"{name} exporter failed: {_first_line(e)}")
             continue
-        set_metadata(proto, {**loaded.metadata(), "exporter": json.dumps(name),
-                             "opset": json.dumps(OPSET)})
+        metadata = {**loaded.metadata(), "exporter": json.dumps(name), "opset": json.dumps(OPSET)}
+        set_metadata(proto, metadata)
+        precision = (openvino_precision(proto, reference, images, notes)
+                     if check_openvino else None)
+        if precision is not None:
+            set_metadata(proto, {**metadata, openvino.PRECISION_KEY: json.dumps(precision)})
         diff: list[float] = []
 
         def check(tmp: Path, exporter_name: str = name, found: list[float] = diff) -> None:
@@ -258,6 +317,38 @@ def write_onnx(loaded: Loaded, out: Path, images: np.ndarray, exporter: str | No
             continue
         return ExportResult(out, "onnx", name, diff[0], len(images), notes)
     raise UserError(f"cannot export {loaded.path} to ONNX: {'; '.join(notes)}; nothing written")
+
+
+def write_openvino(loaded: Loaded, out: Path, images: np.ndarray, exporter: str | None
+                   ) -> ExportResult:
+    """An OpenVINO IR converted from the checked ONNX graph, with its metadata (and the
+    precision checked there), checked again as written."""
+    import onnx
+
+    ov = openvino.import_openvino("cifarlab export --format openvino")
+    reference = torch_logits(loaded.module, images)
+    with tempfile.TemporaryDirectory(prefix="cifarlab-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        result = write_onnx(loaded, onnx_path, images, exporter)
+        proto = onnx.load(str(onnx_path))
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        model = ov.convert_model(str(onnx_path))
+    diff: list[float] = []
+    precision: list[str] = []
+
+    def check(tmp_xml: Path) -> None:
+        model = openvino.OpenVinoClassifier(tmp_xml, threads=1, name=str(out))
+        atol, rtol = ((PARITY_ATOL, PARITY_RTOL) if model.precision == "f32"
+                      else (LOW_PRECISION_ATOL, LOW_PRECISION_RTOL))
+        diff.append(check_parity(reference, two_batches(model, images),
+                                 f"OpenVINO {model.precision} export", atol, rtol))
+        precision.append(model.precision)
+
+    openvino.write_ir(model, metadata, out, check)
+    tolerance = ((PARITY_ATOL, PARITY_RTOL) if precision[0] == "f32"
+                 else (LOW_PRECISION_ATOL, LOW_PRECISION_RTOL))
+    return ExportResult(out, "openvino", result.exporter, diff[0], len(images), result.notes,
+                        precision[0], tolerance)
 
 
 def write_pt2(loaded: Loaded, out: Path, images: np.ndarray) -> ExportResult:
@@ -325,9 +416,14 @@ def export(given: str | Path, out: str | Path | None = None, fmt: str = "onnx",
         raise UserError(f"--exporter {exporter}: must be one of {', '.join(EXPORTERS)}")
     loaded = load(given)
     target = output_path(out, loaded.path.with_suffix(SUFFIXES[fmt]))
+    if fmt == "openvino" and target.suffix != ".xml":
+        raise UserError(f"-o {target}: an OpenVINO IR is an .xml file (its weights go in the "
+                        ".bin beside it); choose a name ending .xml")
     images = parity_images(data, data_root)
     if fmt == "onnx":
         return write_onnx(loaded, target, images, exporter)
+    if fmt == "openvino":
+        return write_openvino(loaded, target, images, exporter)
     if fmt == "pt2":
         return write_pt2(loaded, target, images)
     return write_safetensors(loaded, target, images)

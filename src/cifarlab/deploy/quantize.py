@@ -13,6 +13,11 @@ calibrated, scored on the validation split and timed, and the fastest one whose 
 within `max_drop` points of float32's is written. The calibration method is chosen the same
 way ("auto"): minmax first; only when no format is within `max_drop` with it, percentile, then
 entropy (slower to calibrate, and less hurt by outliers). None within it: nothing is written.
+
+Where openvino and nncf are installed, NNCF's int8 OpenVINO model (nncf_quantize) is one more
+candidate, calibrated on the same images, scored and timed in OpenVINO; when it wins, the
+output is an OpenVINO IR (.int8.xml + .bin) instead of an .int8.onnx file. `-o` ending .xml
+tries only it, ending .onnx only onnxruntime's formats.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cifarlab import config as cfg
 from cifarlab.data.sources import load_source
 from cifarlab.data.sources.images import ImageSet
-from cifarlab.deploy import bench, export, runtime
+from cifarlab.deploy import bench, export, nncf_quantize, openvino, runtime
 from cifarlab.errors import UserError
 
 log = logging.getLogger("cifarlab")
@@ -60,7 +66,9 @@ def candidates(cpu: runtime.CpuInfo) -> list[Candidate]:
             Candidate("qoperator-u8s8", f"QOperator U8S8{suffix}", "QOperator", "uint8", reduce)]
 
 
-INT8_FORMATS = ("auto", "qdq-u8s8", "qdq-s8s8", "qoperator-u8s8")
+ONNX_FORMATS = ("qdq-u8s8", "qdq-s8s8", "qoperator-u8s8")  # onnxruntime's, as candidates()
+INT8_FORMATS = ("auto", *ONNX_FORMATS, nncf_quantize.KEY)
+NNCF = Candidate(nncf_quantize.KEY, nncf_quantize.NAME, "OpenVINO IR", "int8", False)
 
 
 class CalibrationImages:
@@ -138,8 +146,12 @@ class QuantizeResult:
     max_drop: float
 
 
-def score(path: Path, name: str, val: ImageSet, test: ImageSet | None, threads: int) -> Scored:
-    model = runtime.OnnxClassifier(path, threads=threads, name=name)
+def score(path: Path, name: str, val: ImageSet, test: ImageSet | None, threads: int,
+          precision: str | None = None) -> Scored:
+    """Accuracy and speed of an .onnx file in onnxruntime, or with `precision` of an
+    OpenVINO IR in OpenVINO."""
+    model: Any = (runtime.OnnxClassifier(path, threads=threads, name=name) if precision is None
+                  else openvino.OpenVinoClassifier(path, threads, precision, name))
     val_acc = runtime.evaluate_onnx(model, val.images, val.labels).acc
     test_acc = (runtime.evaluate_onnx(model, test.images, test.labels).acc
                 if test is not None else None)
@@ -166,7 +178,7 @@ def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
         raise UserError(f"--max-drop {max_drop}: must be a finite number of points >= 0; "
                         "e.g. 1.0")
     loaded = export.load(given)
-    target = export.output_path(out, loaded.path.with_suffix(".int8.onnx"))
+    targets, int8_format = output_paths(loaded, out, int8_format)
     train, val = split_of(loaded, data, data_root)
     test = test_set(loaded, test_data, data_root) if test_data else None
     calib = calibration_images(train, images)
@@ -190,6 +202,15 @@ def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
         fp32 = score(fp32_path, "fp32", val, test, threads)
         log.info(_line(fp32, fp32))
         tried: list[tuple[Scored, Path, Candidate, str]] = []
+        nncf_model = None
+        if "xml" in targets:
+            nncf_path = tmp / "nncf.xml"
+            nncf_model = nncf_quantize.quantize_ir(fp32_path, calib, nncf_path)
+            scored = score(nncf_path, NNCF.name, val, test, threads,
+                           nncf_quantize.score_precision())
+            scored.passed = fp32.val_acc - scored.val_acc <= max_drop
+            log.info(_line(scored, fp32))
+            tried.append((scored, nncf_path, NNCF, "nncf"))
         tried_formats = [c for c in candidates(cpu) if int8_format in ("auto", c.key)]
         for method in methods:
             cache = tmp / f"calibration-{method}.json"  # one calibration serves every format
@@ -221,14 +242,48 @@ def quantize(given: str | Path, data: str, out: str | Path | None = None, *,
                 f"{fp32.val_acc:.2f}% validation accuracy (drops: {drops}); nothing written; "
                 f"try {hint}, or allow a larger --max-drop")
         best, best_path, candidate, calibration = max(passing, key=lambda t: t[0].throughput)
-        write_int8(loaded, best_path, target, {
+        quantization = {
             "format": candidate.quant_format, "activations": candidate.activations,
             "weights": "int8 per channel", "reduce_range": candidate.reduce_range,
             "calibration": calibration, "calibration_images": len(calib),
             "val_acc_fp32": fp32.val_acc, "val_acc_int8": best.val_acc,
-            "chosen_on": cpu.describe()}, val.images[: export.PARITY_IMAGES])
+            "chosen_on": cpu.describe()}
+        if candidate is NNCF:
+            target = targets["xml"]
+            nncf_quantize.write(nncf_model, {
+                **loaded.metadata(), "opset": json.dumps(export.OPSET),
+                "quantization": json.dumps({**quantization, "weights": "int8 symmetric per "
+                                            "channel", "calibration": "NNCF default preset"}),
+                openvino.PRECISION_KEY: json.dumps(nncf_quantize.score_precision())},
+                best_path, target, val.images[: export.PARITY_IMAGES])
+        else:
+            target = targets["onnx"]
+            write_int8(loaded, best_path, target, quantization,
+                       val.images[: export.PARITY_IMAGES])
     return QuantizeResult(target, best.name, cpu, calibration, len(calib), fp32,
                           [t[0] for t in tried], max_drop)
+
+
+def output_paths(loaded: export.Loaded, out: str | Path | None, int8_format: str
+                 ) -> tuple[dict[str, Path], str]:
+    """Where each kind of winner goes ("onnx", "xml": the candidates to try), and the
+    --int8-format that `-o` leaves: an .xml name only NNCF's, an .onnx name onnxruntime's."""
+    nncf = int8_format == nncf_quantize.KEY
+    if out is not None and Path(out).suffix == ".xml":
+        if int8_format not in ("auto", nncf_quantize.KEY):
+            raise UserError(f"-o {out}: an OpenVINO IR, but --int8-format {int8_format} is an "
+                            "ONNX format; choose a name ending .onnx")
+        nncf, int8_format = True, nncf_quantize.KEY
+    elif out is not None and nncf:
+        nncf_quantize.check_target(Path(out))
+    targets = {}
+    if nncf:
+        nncf_quantize.require()  # refused now, not after the float32 export
+    if nncf or (int8_format == "auto" and out is None and nncf_quantize.available()):
+        targets["xml"] = export.output_path(out, loaded.path.with_suffix(".int8.xml"))
+    if not nncf:
+        targets["onnx"] = export.output_path(out, loaded.path.with_suffix(".int8.onnx"))
+    return targets, int8_format
 
 
 def write_int8(loaded: export.Loaded, source: Path, target: Path, quantization: dict,

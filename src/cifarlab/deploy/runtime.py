@@ -76,6 +76,8 @@ def session_options(threads: int | None) -> Any:
 class OnnxClassifier:
     """An exported classifier: `logits(images)` for uint8 NHWC RGB images."""
 
+    runtime_name = "onnxruntime"
+
     def __init__(self, model: str | Path | bytes, threads: int | None = None,
                  name: str | None = None) -> None:
         import onnxruntime as ort
@@ -113,20 +115,30 @@ class OnnxClassifier:
             raise UserError(f"{self.name}: onnxruntime could not run it ({_first_line(e)}); "
                             "give a file written by cifarlab export or cifarlab quantize"
                             ) from None
-        if not isinstance(out, np.ndarray) or out.shape != (len(x), len(self.classes)):
-            shape = getattr(out, "shape", type(out).__name__)
-            raise UserError(f"{self.name}: gave outputs of shape {shape} for {len(x)} images "
-                            f"and {len(self.classes)} classes; give a classifier written by "
-                            "cifarlab export")
-        if not np.isfinite(out).all():
-            raise UserError(f"{self.name}: gave NaN or infinite scores; the file is damaged or "
-                            "not a trained classifier")
-        return out
+        return check_output(self.name, out, len(x), len(self.classes))
 
     def logits(self, images: np.ndarray, batch: int = BATCH) -> np.ndarray:
         """Logits for uint8 (N, 32, 32, 3) RGB images, `batch` images per call."""
-        out = [self.run(to_input(images[i : i + batch])) for i in range(0, len(images), batch)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        return batched_logits(self.run, images, len(self.classes), batch)
+
+
+def check_output(name: str, out: Any, images: int, classes: int) -> np.ndarray:
+    """`out` when it is one finite score per class and image; UserError otherwise."""
+    if not isinstance(out, np.ndarray) or out.shape != (images, classes):
+        shape = getattr(out, "shape", type(out).__name__)
+        raise UserError(f"{name}: gave outputs of shape {shape} for {images} images and "
+                        f"{classes} classes; give a classifier written by cifarlab export")
+    if not np.isfinite(out).all():
+        raise UserError(f"{name}: gave NaN or infinite scores; the file is damaged or not a "
+                        "trained classifier")
+    return out
+
+
+def batched_logits(run: Any, images: np.ndarray, classes: int, batch: int = BATCH
+                   ) -> np.ndarray:
+    """`run` (float32 NCHW in, logits out) on uint8 NHWC images, `batch` images per call."""
+    out = [run(to_input(images[i : i + batch])) for i in range(0, len(images), batch)]
+    return np.concatenate(out) if out else np.zeros((0, classes), np.float32)
 
 
 # The metadata cifarlab reads from a file, each key's JSON type; others are left alone.

@@ -1,13 +1,14 @@
 """Variants of one model side by side: accuracy against MACs, parameters, file size and
 CPU latency, with the Pareto front of each (`cifarlab compare --variants`).
 
-A variant is a run folder or checkpoint (PyTorch eager, float32) or an `.onnx` file from
-`cifarlab export` (float32) or `cifarlab quantize` (int8): the baseline, a pruned or a
-distilled model, their exports. Every variant must classify the same classes.
+A variant is a run folder or checkpoint (PyTorch eager, float32) or a deployed file: an
+`.onnx` file from `cifarlab export` (float32) or `cifarlab quantize` (int8), run in
+onnxruntime or OpenVINO (`wanted`), an OpenVINO IR or an ExecuTorch `.pte`: the baseline, a
+pruned or a distilled model, their exports. Every variant must classify the same classes.
 
 - Accuracy is the validation accuracy of each variant's own seeded split, never the test
   accuracy (shown beside it, never used). Run folders and checkpoints: what training recorded
-  in the checkpoint. `.onnx` files: measured here on the validation split of the source
+  in the checkpoint. Deployed files: measured here on the validation split of the source
   run's split settings (in the file's metadata) drawn from `data`, when `data` is given;
   otherwise what quantize measured (int8) or the source checkpoint's, which export records
   (float32, checked to match PyTorch); else not measured. Where it came from is in `acc_from`.
@@ -33,13 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.deploy import bench
+from cifarlab.deploy import bench, choice
 from cifarlab.errors import UserError
 
 VARIANTS_MD, VARIANTS_HTML, VARIANTS_PNG = "variants.md", "variants.html", "variants.png"
 FIGURE_SIZE = (12.0, 9.0)  # inches
 RUNTIME_COLORS = {"torch eager fp32": "tab:blue", "onnxruntime fp32": "tab:green",
-                  "onnxruntime int8": "tab:red"}
+                  "onnxruntime int8": "tab:red", "openvino fp32": "tab:purple",
+                  "openvino bf16": "tab:brown", "openvino int8": "tab:orange",
+                  "executorch xnnpack fp32": "tab:olive", "executorch xnnpack int8": "tab:pink"}
 NONE = "\u2014"  # an em dash where there is no value
 # Where a variant's validation accuracy came from (Variant.acc_from).
 ACC_FROM = {
@@ -141,11 +144,11 @@ def labels_of(items: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else i for n, i in zip(names, items, strict=True)]
 
 
-def _open(item: str, threads: int) -> bench.Opened:
+def _open(item: str, threads: int, wanted: str) -> bench.Opened:
     if not Path(item).exists():
         raise UserError(f"variant {item}: no such file or folder; give a run folder, a "
                         "checkpoint or an .onnx file from cifarlab export or quantize")
-    model = bench.open_model(item, threads)
+    model = bench.open_model(item, threads, wanted)
     if model.architecture is None:
         raise UserError(f"variant {item}: no architecture in its metadata; give a file "
                         "written by cifarlab export or cifarlab quantize")
@@ -169,11 +172,11 @@ def _check_classes(labels: list[str], models: list[bench.Opened]) -> None:
 
 def _recorded(item: str, model: bench.Opened) -> tuple[float | None, str | None, float | None]:
     """Validation accuracy, where it came from, and test accuracy, as the files record them."""
-    if model.onnx is not None:
-        if model.runtime == "onnxruntime int8":
-            acc = (model.onnx.meta("quantization") or {}).get("val_acc_int8")
+    if model.deployed is not None:
+        if model.deployed.meta("quantization") is not None:
+            acc = (model.deployed.meta("quantization") or {}).get("val_acc_int8")
             return acc, "quantize" if acc is not None else None, None
-        acc = model.onnx.meta("source_val_acc")
+        acc = model.deployed.meta("source_val_acc")
         return acc, "export" if acc is not None else None, None
     assert model.ckpt is not None
     acc = model.ckpt.get("val_acc")
@@ -209,9 +212,11 @@ def test_set(spec: str, data_root: str | Path, model: bench.Opened) -> Any:
 
 def compare_variants(items: Sequence[str], threads: int | None = None,
                      data: str | None = None, data_root: str | Path = "data",
-                     test_data: str | None = None) -> VariantsResult:
-    """Open every variant and check them (classes, data) before measuring any. With
-    `test_data`, every variant's test accuracy is measured on it (shown, never used)."""
+                     test_data: str | None = None, wanted: str = "onnxruntime"
+                     ) -> VariantsResult:
+    """Open every variant and check them (classes, data) before measuring any; `wanted`:
+    the runtime of .onnx files (choice.CHOICES). With `test_data`, every variant's test
+    accuracy is measured on it (shown, never used)."""
     from cifarlab.profile import model_size
 
     if len(items) < 2:
@@ -219,13 +224,15 @@ def compare_variants(items: Sequence[str], threads: int | None = None,
                         "checkpoints or .onnx files); to time one model, use cifarlab bench")
     threads = bench.pin_threads(threads)
     labels = labels_of(items)
-    models = [_open(item, threads) for item in items]
+    if wanted not in choice.CHOICES:
+        raise UserError(f"--runtime {wanted}: must be one of {', '.join(choice.CHOICES)}")
+    models = [_open(item, threads, wanted) for item in items]
     _check_classes(labels, models)
     recorded = [_recorded(item, m) for item, m in zip(items, models, strict=True)]
     scored: dict[str, Any] = {}  # split settings (JSON) -> validation images
     to_measure = []
     for item, model, (acc, _, _) in zip(items, models, recorded, strict=True):
-        if data is None or (model.onnx is None and acc is not None):
+        if data is None or (model.deployed is None and acc is not None):
             to_measure.append(None)
             continue
         if "split_seed" not in model.split:
@@ -248,7 +255,7 @@ def compare_variants(items: Sequence[str], threads: int | None = None,
         if test is not None:
             test_acc = bench.accuracy(model.logits, test)
         size = model_size(model.architecture or {})
-        file_bytes = (model.path.stat().st_size if model.ckpt is None
+        file_bytes = (bench.file_bytes(model.path) if model.ckpt is None
                       else _weights_bytes(model.ckpt))
         result.variants.append(Variant(
             label, item, str(model.path), model.runtime, model.architecture or {}, acc,
@@ -389,7 +396,7 @@ def document(result: VariantsResult) -> Any:
     machine = Table(["", ""], [
         ["CPU", h.cpu], ["ISA flags", ", ".join(h.flags) or NONE],
         ["threads (every runtime)", str(h.threads)],
-        ["versions", f"torch {h.torch}, onnxruntime {h.onnxruntime}, Python {h.python}"],
+        ["versions", f"{h.versions()}, Python {h.python}"],
         ["load average (1/5/15 min)", " ".join(f"{x:.2f}" for x in h.load_average)
          + (", after: " + " ".join(f"{x:.2f}" for x in h.load_average_after)
             if h.load_average_after else "")],
