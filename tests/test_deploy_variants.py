@@ -13,7 +13,7 @@ import torch
 from cifarlab import checkpoint
 from cifarlab.cli import main
 from cifarlab.data.splits import prepare_splits
-from cifarlab.deploy import bench, export, runtime, variants
+from cifarlab.deploy import bench, export, runtime, variants, variants_report
 from cifarlab.profile import model_size
 from cifarlab.runs import read_run
 
@@ -91,7 +91,7 @@ def test_table_marks_each_cost_front_and_json_round_trips():
 
 
 def test_report_of_variants_without_accuracy_is_self_contained(tmp_path):
-    html = variants.write_report(hand_made([None, None]), tmp_path / "report")
+    html = variants_report.write_report(hand_made([None, None]), tmp_path / "report")
     assert sorted(p.name for p in html.parent.iterdir()) == [
         variants.VARIANTS_HTML, variants.VARIANTS_MD, variants.VARIANTS_PNG]
     page = html.read_text()

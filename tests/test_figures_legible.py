@@ -12,7 +12,7 @@ from legibility import problems
 from matplotlib.figure import Figure
 
 from cifarlab import plots
-from cifarlab.deploy import bench, variants
+from cifarlab.deploy import bench, variants, variants_report
 from cifarlab.runs import read_run, read_runs
 from cifarlab.studies import figures, stats, summary
 from cifarlab.studies.spec import Study
@@ -110,7 +110,7 @@ def crowded_variants() -> variants.VariantsResult:
 
 
 def test_variants_figure_is_legible_and_numbers_its_points():
-    fig = variants.figure(crowded_variants())
+    fig = variants_report.figure(crowded_variants())
     assert problems(fig) == []
     entries = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "2: baseline/best.onnx" in entries

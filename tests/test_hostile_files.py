@@ -5,6 +5,7 @@ written anywhere; the way tests/test_bad_input.py walks every setting."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import shutil
@@ -18,6 +19,12 @@ from cifarlab.cli import main
 from cifarlab.deploy import export
 
 KINDS = ("empty", "truncated", "random", "text", "folder", "fifo")
+OPENVINO = importlib.util.find_spec("openvino") is not None
+# Deployed formats: .onnx (onnxruntime or OpenVINO) and OpenVINO's IR (an .xml beside its
+# weights, .bin: a crafted .xml gets a .bin beside it, so that the .xml is what is judged).
+SUFFIXES = [".pt", ".onnx", *([".xml"] if OPENVINO else [])]
+# The commands that take a deployed file other than .onnx.
+DEPLOYED_READERS = {"evaluate", "predict", "bench", "compare --variants"}
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +32,13 @@ def originals(trained_run, tmp_path_factory):
     """A real checkpoint and .onnx file, whose halves are the truncated kinds."""
     folder = tmp_path_factory.mktemp("originals")
     export.export(trained_run, folder / "model.onnx", exporter="torchscript")
-    return {".pt": (trained_run / "best.pt").read_bytes(),
-            ".onnx": (folder / "model.onnx").read_bytes(),
-            ".png": png(32, 32), ".yaml": b"preset: seed\nseeds: 1\nsampler: grid\n"}
+    found = {".pt": (trained_run / "best.pt").read_bytes(),
+             ".onnx": (folder / "model.onnx").read_bytes(),
+             ".png": png(32, 32), ".yaml": b"preset: seed\nseeds: 1\nsampler: grid\n"}
+    if OPENVINO:
+        export.export(trained_run, folder / "model.xml", fmt="openvino")
+        found[".xml"] = (folder / "model.xml").read_bytes()
+    return found
 
 
 def png(width: int, height: int) -> bytes:
@@ -121,7 +132,7 @@ def fill(template: list[str], **paths: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".onnx"])
+@pytest.mark.parametrize("suffix", SUFFIXES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("command", list(MODEL_COMMANDS))
 def test_every_model_reader_refuses_crafted_files(command, kind, suffix, originals,
@@ -129,6 +140,8 @@ def test_every_model_reader_refuses_crafted_files(command, kind, suffix, origina
                                                   monkeypatch):
     if suffix == ".onnx" and command in CHECKPOINT_ONLY:
         pytest.skip("a checkpoint only")
+    if suffix == ".xml" and command not in DEPLOYED_READERS:
+        pytest.skip("not a reader of OpenVINO's IR")
     monkeypatch.chdir(tmp_path)
     given, out = tmp_path / "given", tmp_path / "out"
     given.mkdir()
@@ -136,6 +149,8 @@ def test_every_model_reader_refuses_crafted_files(command, kind, suffix, origina
     image = given / "image.png"
     image.write_bytes(originals[".png"])
     model = crafted(given, kind, suffix, originals)
+    if suffix == ".xml" and kind != "folder":  # a .bin beside it: the .xml is what is read
+        model.with_suffix(".bin").write_bytes(random.Random(2).randbytes(64))
     # compare --variants reads the real run too: a copy, which must come out untouched.
     run = tmp_path / "run"
     if "{run}" in MODEL_COMMANDS[command]:

@@ -304,22 +304,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def compare_variants(args: argparse.Namespace) -> int:
-    from cifarlab.deploy import variants
+    from cifarlab.deploy import variants, variants_report
     from cifarlab.plots import save_figure
 
     check_range("--threads", args.threads, 1, settings_rules.MAX_THREADS, 2)
     # With --report the figure is in the report's folder; else beside the first variant.
     output = (None if args.report and not args.output
               else figure_path(args.output, args.runs, variants.VARIANTS_PNG))
-    variants.check_report_folder(args.report)
+    variants_report.check_report_folder(args.report)
     result = variants.compare_variants(args.runs, args.threads, args.data, args.data_root,
                                        args.test_data, args.runtime)
     print(result.to_json() if args.json else variants.text(result, markdown=args.markdown))
     said = sys.stderr if args.json else sys.stdout
     if output is not None:
-        print(f"wrote {save_figure(variants.figure(result), output)}", file=said)
+        print(f"wrote {save_figure(variants_report.figure(result), output)}", file=said)
     if args.report:
-        html = variants.write_report(result, args.report)
+        html = variants_report.write_report(result, args.report)
         print(f"wrote {html.with_suffix('.md')} and {html}", file=said)
     return 0
 
