@@ -109,6 +109,8 @@ def recorded_times(path: Path, metric: str) -> dict[str, float]:
     """Seconds per call of each runtime from MODEL.bench.json beside the file, when it timed
     this file on this CPU; {} otherwise."""
     result = path.with_suffix(".bench.json")
+    if not result.is_file():  # none, or a FIFO that a read would wait on for ever
+        return {}
     try:
         raw = json.loads(result.read_text())
         if raw["header"]["cpu"] != runtime.cpu_info().model:
