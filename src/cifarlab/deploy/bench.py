@@ -175,6 +175,20 @@ def eval_set(spec: str, data_root: str | Path, split: dict[str, Any], classes: l
     return "test", source.test
 
 
+def test_images(spec: str, data_root: str | Path, label_set: str, classes: list[str],
+                whose: str) -> Any:
+    """--test-data: the test split of `spec` (its training images when it has no split),
+    checked to be of `classes` (`whose`, e.g. "the checkpoint's", names them in the error)."""
+    from cifarlab.data.sources import load_source
+
+    source = load_source(spec, data_root, label_set=label_set)
+    data = source.test if source.test is not None else source.train
+    if data.classes != classes:
+        raise UserError(f"--test-data {spec}: classes {data.classes} are not {whose} "
+                        f"{classes}; give test data of the same classes")
+    return data
+
+
 def validation_set(spec: str, data_root: str | Path, split: dict[str, Any],
                    classes: list[str]) -> Any:
     """The validation split of a model's own run, redrawn from `spec` with the run's split

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from cifarlab import config as cfg
-from cifarlab.data.sources import load_source
 from cifarlab.data.sources.images import ImageSet
 from cifarlab.deploy import bench, export, nncf_quantize, openvino, runtime
 from cifarlab.errors import UserError
@@ -109,12 +108,8 @@ def split_of(loaded: export.Loaded, data: str, data_root: str | Path) -> tuple[I
 
 def test_set(loaded: export.Loaded, spec: str, data_root: str | Path) -> ImageSet:
     data_config = loaded.ckpt.get("config", {}).get("data", {})
-    source = load_source(spec, data_root, label_set=data_config.get("label_set", "fine"))
-    data = source.test if source.test is not None else source.train
-    if data.classes != list(loaded.ckpt["classes"]):
-        raise UserError(f"--test-data {spec}: classes {data.classes} are not the checkpoint's "
-                        f"{list(loaded.ckpt['classes'])}; give test data of the same classes")
-    return data
+    return bench.test_images(spec, data_root, data_config.get("label_set", "fine"),
+                             list(loaded.ckpt["classes"]), "the checkpoint's")
 
 
 def calibration_images(train: ImageSet, n: int) -> np.ndarray:

@@ -188,16 +188,9 @@ def _weights_bytes(ckpt: dict[str, Any]) -> int:
 
 
 def test_set(spec: str, data_root: str | Path, model: bench.Opened) -> Any:
-    """--test-data: the test split of `spec` (its training images when it has no split),
-    of the variants' classes."""
-    from cifarlab.data.sources import load_source
-
-    source = load_source(spec, data_root, label_set=model.split.get("label_set", "fine"))
-    data = source.test if source.test is not None else source.train
-    if data.classes != model.classes:
-        raise UserError(f"--test-data {spec}: classes {data.classes} are not the variants' "
-                        f"{model.classes}; give test data of the same classes")
-    return data
+    """--test-data: the test images of `spec`, of the variants' classes."""
+    return bench.test_images(spec, data_root, model.split.get("label_set", "fine"),
+                             model.classes, "the variants'")
 
 
 def compare_variants(items: Sequence[str], threads: int | None = None,
