@@ -22,6 +22,21 @@ TINY_TRAIN = ["train", "--data", "synthetic:300", "--epochs", "2", "--workers", 
               "--set", "model.width=4", "--set", "optim.warmup_epochs=1", "--batch-size", "64"]
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """The folder all of the session's pytest workers share (xdist's workers' temporary
+    folders have it as their parent)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def speed_cache_of_the_session(tmp_path_factory):
+    """The measured speeds (speed_cache.py) of the session's runs kept in one folder that
+    every worker and every run it starts shares, not in the user's ~/.cache: each run of a
+    command then takes the same precision, as on a user's machine."""
+    os.environ["XDG_CACHE_HOME"] = str(shared_root(tmp_path_factory) / "xdg-cache")
+
+
 @pytest.fixture(scope="session")
 def once(tmp_path_factory):
     """`once(name, make)`: the folder `make(folder)` fills, made by one pytest worker and
@@ -29,9 +44,7 @@ def once(tmp_path_factory):
     things that tests only read, such as an uninterrupted reference run."""
     import fcntl
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    root = shared_root(tmp_path_factory)
 
     def made(name, make):
         folder, done = root / name, root / f"{name}.done"

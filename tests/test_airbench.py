@@ -189,7 +189,9 @@ def test_bf16_on_a_cpu_without_native_kernels_is_refused(monkeypatch, tmp_path, 
 
 
 @pytest.mark.parametrize("fp32, bf16, chosen", [(1.0, 0.5, torch.bfloat16), (1.0, 0.95, None)])
-def test_auto_takes_bf16_only_where_it_measures_faster(monkeypatch, fp32, bf16, chosen):
+def test_auto_takes_bf16_only_where_it_measures_faster(monkeypatch, tmp_path, fp32, bf16,
+                                                        chosen):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # measured here, not kept from before
     monkeypatch.setattr(devices, "native_cpu_bf16", lambda: True)
     seconds = {None: fp32, torch.bfloat16: bf16}
     monkeypatch.setattr(devices, "step_seconds", lambda *a: seconds[a[-1]])

@@ -6,13 +6,18 @@ oneDNN runs bfloat16 convolutions natively only on CPUs with AVX512_BF16 or AMX 
 can be several times faster than float32); elsewhere bfloat16 is emulated and slower, so it
 is refused when asked for, and `auto` keeps float32. Where it is native, `auto` times a few
 training steps of the run's own model at its batch size in both precisions and takes
-bfloat16 only when it is clearly faster (MIN_BF16_SPEEDUP). The choice and its reason are
-said at the start of the run and written into its report.
+bfloat16 only when it is clearly faster (MIN_BF16_SPEEDUP). The measured speed-up is kept
+per machine, model and batch (speed_cache.py), so that every run of the same command takes
+the same precision and one seed gives one result; a resumed run keeps the precision it
+started with (train.py). The choice and its reason are said at the start of the run and
+written into its report.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab import speed_cache
 from cifarlab.errors import UserError
 
 MIN_BF16_SPEEDUP = 1.15  # below this, float32's exact numerics win
@@ -74,9 +80,16 @@ def check_amp(amp: str, device: torch.device) -> None:
 
 
 def choose(amp: str, device: torch.device, model: nn.Module, batch_size: int,
-           layout: torch.memory_format, num_classes: int) -> Precision:
-    """The precision a run trains in, and why."""
+           layout: torch.memory_format, num_classes: int, started: str | None = None
+           ) -> Precision:
+    """The precision a run trains in, and why. `started`: the precision a resumed CPU run
+    started with (Precision.name), which `auto` keeps where this CPU runs it natively."""
     check_amp(amp, device)
+    if amp == "auto" and device.type == "cpu" and (
+            started == "float32" or started == "bf16" and native_cpu_bf16()):
+        kind = "float32" if started == "float32" else "bfloat16 autocast"
+        return Precision(None if started == "float32" else torch.bfloat16,
+                         f"{kind}: as the run started")
     if amp != "auto" or device.type == "cuda":
         dtype = resolve_amp(amp, device)
         how = "asked for" if amp != "auto" else "the CUDA default"
@@ -85,14 +98,36 @@ def choose(amp: str, device: torch.device, model: nn.Module, batch_size: int,
     if not native_cpu_bf16():
         return Precision(None, f"float32: this CPU ({cpu_capability()}) has no native "
                                "bfloat16 in oneDNN")
-    fp32, bf16 = (step_seconds(model, min(batch_size, MAX_TIMED_BATCH), layout, num_classes,
-                               dtype) for dtype in (None, torch.bfloat16))
-    speedup = fp32 / bf16
+    batch = min(batch_size, MAX_TIMED_BATCH)
+
+    def measure() -> float:
+        fp32, bf16 = (step_seconds(model, batch, layout, num_classes, dtype)
+                      for dtype in (None, torch.bfloat16))
+        return fp32 / bf16
+
+    speedup, before = speed_cache.kept(speedup_key(model, batch, layout, num_classes), measure)
+    when = (f" (measured before for this CPU, model and batch; kept in "
+            f"{speed_cache.cache_dir() / 'speeds.json'})" if before else "")
     if speedup >= MIN_BF16_SPEEDUP:
         return Precision(torch.bfloat16, f"bfloat16 autocast: measured {speedup:.2f}x "
-                                         "float32's speed on this CPU's native bfloat16")
+                                         f"float32's speed on this CPU's native bfloat16{when}")
     return Precision(None, f"float32: bfloat16 measured only {speedup:.2f}x float32's speed "
-                           f"here (needs {MIN_BF16_SPEEDUP}x)")
+                           f"here (needs {MIN_BF16_SPEEDUP}x){when}")
+
+
+def speedup_key(model: nn.Module, batch: int, layout: torch.memory_format,
+                num_classes: int) -> str:
+    """What bfloat16's speed-up over float32 depends on, as speed_cache's key: the CPU, torch
+    and its threads, the model's layers and trainable shapes, the batch and the layout."""
+    shapes = ",".join(f"{tuple(p.shape)}{'' if p.requires_grad else 'f'}"
+                      for p in model.parameters())
+    layers = hashlib.sha256(f"{model}|{shapes}".encode()).hexdigest()[:16]
+    return (f"bf16/float32 step | {speed_cache.cpu_name()} | {cpu_capability()} | torch "
+            f"{torch.__version__} | {torch.get_num_threads()} threads | oneDNN ISA "
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'all')} | "
+            f"{type(model).__name__} {layers} | batch {batch} | "
+            f"{'channels_last' if layout == torch.channels_last else 'nchw'} | "
+            f"{num_classes} classes")
 
 
 def step_seconds(model: nn.Module, batch_size: int, layout: torch.memory_format,

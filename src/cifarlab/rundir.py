@@ -21,6 +21,7 @@ from torch import nn
 from cifarlab import checkpoint, locks
 from cifarlab.config import Config
 from cifarlab.data.splits import Splits
+from cifarlab.devices import Precision
 from cifarlab.errors import TrainingFailed, UserError
 from cifarlab.models import LAYERS, architecture, model_args
 from cifarlab.seeding import rng_states, set_rng_states
@@ -238,6 +239,7 @@ def save_last(run_dir: Path, parts: Parts, progress: Progress, position: tuple[i
         "partial_epoch": partial,
         "train_seconds": progress.seconds(),
         "rng": rng_states(),
+        "precision": Precision(parts.step.amp_dtype, "").name,  # a resume keeps it
     }
     if parts.ema is not None:
         payload["train_state"]["ema"] = parts.ema.state_dict()

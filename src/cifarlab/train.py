@@ -177,7 +177,9 @@ def _fit(config: Config, resume: str | Path | None, device: torch.device, world:
     # Measured on rank 0 alone (on the CPU), so that every rank trains in the same precision.
     precision = distributed.broadcast(choose(
         config.amp, device, model, config.batch_size // world.size,
-        memory_format(device, model), len(splits.classes)) if world.is_main else None)
+        memory_format(device, model), len(splits.classes),
+        started=state["train_state"].get("precision") if state else None)
+        if world.is_main else None)
     check_disk_space(run_dir, model)
     distributed.barrier()  # every rank has checked the run folder before rank 0 creates it
 
