@@ -136,10 +136,11 @@ def test_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path, sig, co
     assert_same_run(reference, run_dir)
 
 
-# EMA (selected on), mixup/CutMix and a distillation teacher: their state, draws and
-# teacher resume exactly too.
+# EMA (selected on), lookahead, mixup/CutMix and a distillation teacher: their state, draws
+# and teacher resume exactly too.
 RECIPE = [*TRAIN, "--set", "ema.enabled=true", "--set", "ema.select=ema", "--set",
-          "ema.decay=0.9", "--set", "mix.mixup_alpha=0.2", "--set", "mix.cutmix_alpha=1"]
+          "ema.decay=0.9", "--set", "mix.mixup_alpha=0.2", "--set", "mix.cutmix_alpha=1",
+          "--set", "optim.lookahead_steps=3", "--set", "optim.lookahead_decay=0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +155,16 @@ def recipe(tmp_path_factory):
     return args, uninterrupted(out, args)
 
 
-def test_sigterm_mid_epoch_with_ema_mixing_and_a_teacher_then_resume_is_exact(recipe,
-                                                                               tmp_path):
+def test_sigterm_mid_epoch_with_ema_lookahead_mixing_and_a_teacher_then_resume_is_exact(
+        recipe, tmp_path):
     args, reference = recipe
     returncode, err, run_dir = signalled_mid_epoch(tmp_path, args, signal.SIGTERM)
     assert returncode == 143, err
-    stopped = checkpoint.load(run_dir / "last.pt")["train_state"]
+    last = checkpoint.load(run_dir / "last.pt")
+    stopped = last["train_state"]
     assert stopped["position"] != [1, 0] and stopped["ema"]["updates"] > 0
+    assert len(stopped["lookahead"]["slow"]) == len(
+        [v for v in last["model"].values() if v.is_floating_point()])
     assert stopped["teacher"]["model"] == "resnet18"
     returncode, out, err = finish(cifarlab("train", "--resume", str(run_dir)))
     assert returncode == 0, err

@@ -108,6 +108,11 @@ class OptimConfig:
     # in this many pieces and the gradients add up to one step (training/step.py). The
     # schedule, learning rate and results per batch are unchanged; BatchNorm sees the pieces.
     accumulate: int = 1
+    # Lookahead (training/lookahead.py): every `lookahead_steps` steps the weights are pulled
+    # to a slow copy with a decay growing as lookahead_decay * (t / T)^3, and go on from it;
+    # the run ends on the slow weights. 0: off.
+    lookahead_steps: int = 0
+    lookahead_decay: float = 0.95**5
 
 
 @dataclass

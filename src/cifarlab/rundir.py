@@ -208,8 +208,8 @@ def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
 
 
 def restore(parts: Parts, config: Config, state: dict[str, Any]) -> Progress:
-    """Load last.pt's weights, optimizer, schedule, loss scale, EMA and RNG states; the
-    progress it saved."""
+    """Load last.pt's weights, optimizer, schedule, loss scale, EMA, lookahead and RNG
+    states; the progress it saved."""
     ts = state["train_state"]
     parts.model.load_state_dict(state["model"])
     optimizer, scheduler = parts.step.optimizer, parts.step.scheduler
@@ -219,6 +219,9 @@ def restore(parts: Parts, config: Config, state: dict[str, Any]) -> Progress:
     parts.step.scaler.load_state_dict(ts["scaler"])
     if parts.ema is not None:  # EMA switched on at resume: it starts from the weights
         parts.ema.load_state_dict(ts.get("ema", {"weights": state["model"], "updates": 0}))
+    if parts.step.lookahead is not None:  # switched on at resume: it starts from the weights
+        parts.step.lookahead.load_state_dict(ts.get("lookahead", {"slow": [
+            v for v in state["model"].values() if v.is_floating_point()]}))
     early_stopping = EarlyStopping(**ts["early_stopping"])
     early_stopping.patience = config.patience
     set_rng_states(ts["rng"])
@@ -243,6 +246,8 @@ def save_last(run_dir: Path, parts: Parts, progress: Progress, position: tuple[i
     }
     if parts.ema is not None:
         payload["train_state"]["ema"] = parts.ema.state_dict()
+    if parts.step.lookahead is not None:
+        payload["train_state"]["lookahead"] = parts.step.lookahead.state_dict()
     if parts.teacher is not None:  # who it is, so that --resume can check; not its weights
         payload["train_state"]["teacher"] = parts.teacher.identity
     save(payload, run_dir / "last.pt")

@@ -229,6 +229,8 @@ RULES: dict[str, Rule] = {
     "optim.clip_grad_norm": number(0, 1e6, what="a gradient norm (0: no clipping)"),
     "optim.accumulate": integer(1, 1024, what="a number of micro-batches per batch"),
     "optim.whiten_bias_epochs": number(0, MAX_COUNT, what="a number of epochs"),
+    "optim.lookahead_steps": integer(0, MAX_COUNT, what="a number of steps (0: off)"),
+    "optim.lookahead_decay": number(0, 1, hi_open=True, what="a decay per pull"),
     "mix.mixup_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
     "mix.cutmix_alpha": number(0, 100, what="a Beta distribution parameter (0: off)"),
     "mix.prob": PROBABILITY,

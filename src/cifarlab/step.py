@@ -21,6 +21,7 @@ from cifarlab.config import Config
 from cifarlab.devices import memory_format
 from cifarlab.errors import TrainingFailed
 from cifarlab.training.ema import ModelEma
+from cifarlab.training.lookahead import Lookahead
 
 # Steps between a step and the host reading its flags (step.StepFlags); the device runs
 # that far ahead of the checks. A NaN loss therefore stops training FLAG_LAG steps late at
@@ -31,12 +32,12 @@ MIN_LOSS_SCALE = 1.0  # fp16: a GradScaler scale under this means steps keep bei
 
 @dataclass
 class TrainStep:
-    """Forward, loss, backward, optimizer step and (with `ema`) the moving average's update
-    on one batch; returns the detached loss and logits, still on the device. The targets are
-    labels, or target distributions with a soft-target criterion (training/mixing.py).
-    With a `teacher` (frozen, training/distill.py) it sees the very batch the model sees,
-    under the same autocast but without gradients, and the criterion is called with
-    (logits, teacher's logits, targets)."""
+    """Forward, loss, backward, optimizer step, (with `lookahead`) the pull to the slow
+    weights and (with `ema`) the moving average's update on one batch; returns the detached
+    loss and logits, still on the device. The targets are labels, or target distributions
+    with a soft-target criterion (training/mixing.py). With a `teacher` (frozen,
+    training/distill.py) it sees the very batch the model sees, under the same autocast but
+    without gradients, and the criterion is called with (logits, teacher's logits, targets)."""
 
     model: nn.Module  # the module that steps (DDP-wrapped and/or compiled)
     criterion: nn.Module
@@ -48,6 +49,7 @@ class TrainStep:
     teacher: nn.Module | None = None  # never steps; not wrapped in DDP, not compiled
     clip_grad_norm: float = 0.0  # the gradients' largest L2 norm, all together; 0: off
     accumulate: int = 1  # forward and backward passes per step, each on a piece of the batch
+    lookahead: Lookahead | None = None  # pulled after the step by the run's step count
 
     def __post_init__(self) -> None:
         self.cpu_layout = memory_format("cpu", self.model)
@@ -86,6 +88,8 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.lookahead is not None:  # before the EMA, which then averages its result
+            self.lookahead.update(self.scheduler.last_epoch)  # the run's steps so far
         if self.ema is not None:
             self.ema.update()
         if len(pieces) == 1:

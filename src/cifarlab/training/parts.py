@@ -27,6 +27,7 @@ from cifarlab.models import create_model, initialise_from_data, model_args
 from cifarlab.step import TrainStep
 from cifarlab.training.distill import DistillLoss, Teacher
 from cifarlab.training.ema import ModelEma
+from cifarlab.training.lookahead import Lookahead
 from cifarlab.training.mixing import build_mixer, no_mixing
 from cifarlab.training.optim import build_optimizer, group_schedules, schedule_of
 from cifarlab.training.pace import Pace
@@ -131,10 +132,13 @@ def build_parts(config: Config, splits: Splits, model: nn.Module, device: torch.
     if teacher is not None:
         train_loss = DistillLoss(train_loss, config.distill.temperature, config.distill.alpha)
     ema = ModelEma(model, config.ema.decay) if config.ema.enabled else None
+    optim = config.optim
+    lookahead = Lookahead(model, optim.lookahead_steps, optim.lookahead_decay,
+                          config.epochs * len(loader)) if optim.lookahead_steps else None
     step = TrainStep(compiled(train_model, config.compile, device), train_loss, optimizer,
                      scaler, scheduler, amp_dtype, ema,
                      teacher.model if teacher is not None else None,
-                     config.optim.clip_grad_norm, config.optim.accumulate)
+                     optim.clip_grad_norm, optim.accumulate, lookahead)
     return Parts(model, train_model, step,
                  nn.CrossEntropyLoss(label_smoothing=config.optim.label_smoothing),
                  mixer or no_mixing, ema, lr_at, loader, sampler, layout, teacher)
@@ -148,6 +152,9 @@ def describe_run(config: Config, splits: Splits, model: nn.Module, device: torch
               f"(p {mix.prob:g}, switch {mix.switch_prob:g})"
               if mix.mixup_alpha or mix.cutmix_alpha else "no mixup/CutMix")
     ema = f"EMA decay {config.ema.decay:g}" if config.ema.enabled else "no EMA"
+    if optim.lookahead_steps:
+        ema += (f", lookahead every {optim.lookahead_steps} steps (decay up to "
+                f"{optim.lookahead_decay:.3g})")
     chosen = "EMA weights" if config.ema.select == "ema" else "model's weights"
     kd = config.distill
     distilled = (f", distilled from {kd.teacher} (T {kd.temperature:g}, alpha {kd.alpha:g})"
