@@ -218,6 +218,26 @@ def test_spoiled_run_folder_files_are_refused(name, index, kind, trained_run, tm
     assert name in error, error
 
 
+@pytest.mark.parametrize("cut", ["lines removed", "a value"])
+def test_a_config_yaml_cut_short_or_edited_is_named_on_resume(cut, trained_run, tmp_path,
+                                                               capsys):
+    """A config.yaml that still parses and passes every rule, but is not the run's: its
+    missing settings would take their defaults. last.pt's copy of the settings tells."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    target = run / "config.yaml"
+    lines = target.read_text().splitlines(keepends=True)
+    if cut == "lines removed":
+        kept = [line for line in lines if not line.startswith(("epochs:", "batch_size:"))]
+        assert len(kept) < len(lines)
+        target.write_text("".join(kept))
+    else:
+        target.write_text(target.read_text().replace("label_smoothing: 0.1",
+                                                     "label_smoothing: 0.3"))
+    error = refused(["train", "--resume", str(run), "--epochs", "3"], tmp_path, capsys)
+    assert str(target) in error and "differ from those" in error and "--allow-changes" in error
+
+
 @pytest.mark.parametrize("layers, message", [
     ({"stem.0": [60000, 60000, 1]}, "over 16,777,216 input-output channel pairs"),
     ({"stem.0": [10**7, 3, 1]}, "not 1 to 4 whole numbers from 1 to 65,536"),

@@ -52,6 +52,24 @@ def resume_config(args: argparse.Namespace) -> cfg.Config:
     if not saved_path.is_file():
         raise UserError(f"--resume {args.resume}: no config.yaml there; give a run folder")
     saved = cfg.from_dict(cfg.load_yaml(saved_path, where=str(saved_path)))
+    try:  # a damaged file is named as such, not taken for a setting given on the command line
+        saved.validate()
+    except UserError as e:
+        raise UserError(f"{saved_path}: {e}; the run's saved settings are damaged, so it "
+                        "cannot be resumed; start a new run") from None
+    last = Path(args.resume) / "last.pt"
+    if not args.allow_changes and last.is_file():
+        # config.yaml and last.pt are written from one config: a file cut short (its missing
+        # settings would take their defaults) or edited by hand differs from last.pt's.
+        from cifarlab import checkpoint
+
+        held = checkpoint.load(last).get("config")
+        drift = cfg.differences(cfg.from_dict(held), saved) if isinstance(held, dict) else []
+        if drift:
+            raise UserError(f"{saved_path}: its settings differ from those {last} was saved "
+                            f"with ({'; '.join(drift[:3])}{'; ...' if len(drift) > 3 else ''})"
+                            "; the file is damaged or was edited: restore it, or add "
+                            "--allow-changes to resume with the file's settings")
     config = resolve_config(args, base=saved)
     changes = cfg.differences(saved, config, ignore=RESUME_FREE)
     if changes and not args.allow_changes:
