@@ -81,6 +81,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "optim.clip_grad_norm": (["-1", "1e7"], ["0", "0.5", "1e6"]),
     "optim.accumulate": (["0", "-1", "1025", "1.5"], ["1", "4", "128"]),
     "optim.whiten_bias_epochs": (["-1", "1e7"], ["0", "3", "1000000"]),
+    "optim.lookahead_steps": (["-1", "2.5", "1000001"], ["0", "5", "1000000"]),
+    "optim.lookahead_decay": (["-0.1", "1", "nan"], ["0", "0.774", "0.999"]),
     "mix.mixup_alpha": (["-0.1", "101", "1e9"], ["0", "0.2", "100"]),
     "mix.cutmix_alpha": (["-0.1", "101"], ["0", "1", "100"]),
     "mix.prob": (["-0.1", "1.5"], ["0", "1"]),
