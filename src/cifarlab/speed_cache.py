@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cifarlab.errors import UserError
+
 
 def cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -55,8 +57,9 @@ def _locked(path: Path) -> Iterator[bool]:
 
 
 def _read(path: Path) -> dict[str, float]:
+    # Imported here (and checkpoint in kept): devices.py imports this module, and these
+    # import the data and model packages, which import devices.
     from cifarlab.data.sources.images import read_regular_file
-    from cifarlab.errors import UserError
 
     if not path.exists():
         return {}

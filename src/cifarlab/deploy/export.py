@@ -350,8 +350,7 @@ def write_openvino(loaded: Loaded, out: Path, images: np.ndarray, exporter: str 
         # The CPU's low-precision default passed on the ONNX graph but not on the IR
         # converted from it (its own graph transformations), or the IR did not compile in
         # it: f32 then, as for the ONNX file.
-        raw = metadata.get(openvino.PRECISION_KEY, '"f32"')
-        recorded = json.loads(raw) if raw.startswith('"') else raw
+        recorded = openvino.recorded_precision(metadata)
         if recorded == "f32":
             raise
         result.notes.append(f"OpenVINO's default {recorded} failed the check of the IR ({e}); "

@@ -82,6 +82,13 @@ def read_model(path: str | Path, name: str | None = None) -> Any:
     return model
 
 
+def recorded_precision(metadata: dict[str, str]) -> str:
+    """The precision a file's metadata records as checked (PRECISION_KEY), else "f32"."""
+    recorded = metadata.get(PRECISION_KEY, '"f32"')
+    precision = json.loads(recorded) if recorded.startswith('"') else recorded
+    return precision if precision in PRECISIONS else "f32"
+
+
 def reason(error: BaseException) -> str:
     """What an OpenVINO error says, in one line: its summary of the operations it could not
     convert, else its first line that is not where it was raised."""
@@ -161,9 +168,7 @@ class OpenVinoClassifier:
         self.classes: list[str] = self.values["classes"]
         check_model(self.name, model, len(self.classes))
         if precision is None:
-            recorded = self.metadata.get(PRECISION_KEY, '"f32"')
-            precision = json.loads(recorded) if recorded.startswith('"') else recorded
-            precision = precision if precision in PRECISIONS else "f32"
+            precision = recorded_precision(self.metadata)
         try:
             self.compiled = compile_model(model, threads,
                                           None if precision == "default" else precision)
